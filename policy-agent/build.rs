@@ -1,0 +1,32 @@
+//! Embeds the classifier object built by `cargo xtask build-ebpf`.
+//!
+//! The object is optional at build time so that `cargo check` and `cargo clippy`
+//! work on a machine without bpf-linker; an agent built without it says so when
+//! it tries to load the programs.
+use std::{env, fs, path::PathBuf};
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
+    let default_object = manifest_dir
+        .join("..")
+        .join("target")
+        .join("bpfel-unknown-none")
+        .join("release")
+        .join("policy-ebpf");
+    println!("cargo:rerun-if-env-changed=PALISADE_BPF_OBJECT");
+    let object = env::var_os("PALISADE_BPF_OBJECT").map(PathBuf::from).unwrap_or(default_object);
+    println!("cargo:rerun-if-changed={}", object.display());
+
+    let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("policy-ebpf.o");
+    match fs::read(&object) {
+        Ok(bytes) => fs::write(&out, bytes).unwrap(),
+        Err(_) => {
+            println!(
+                "cargo:warning=eBPF object {} not found; the agent will not be able to load \
+                 the classifier (run `cargo xtask build-ebpf`)",
+                object.display()
+            );
+            fs::write(&out, []).unwrap();
+        }
+    }
+}

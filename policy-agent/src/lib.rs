@@ -1,0 +1,4 @@
+//! Palisade node agent library: the datapath loader and map handles, the
+//! policy compiler, and the pieces the binary wires together.
+
+pub mod datapath;

@@ -1,0 +1,308 @@
+//! Keys and values of the classifier's maps.
+//!
+//! Addresses are 16 bytes everywhere: IPv4 is stored IPv4-mapped
+//! (`::ffff:a.b.c.d`), so one set of maps serves both families.
+
+use core::mem::size_of;
+
+/// An IPv6 address, or an IPv4 address in its IPv4-mapped form, network order.
+pub type Addr = [u8; 16];
+
+/// The prefix `::ffff:0:0/96` that IPv4-mapped addresses share.
+pub const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+/// Prefix length to add to an IPv4 prefix length in [`PEER_CIDRS`](crate::names::PEER_CIDRS).
+pub const V4_MAPPED_PREFIX_LEN: u32 = 96;
+
+#[inline(always)]
+pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// Reserved identities. Identities allocated by the agent start at
+/// [`FIRST_ALLOCATED_IDENTITY`].
+pub mod identity {
+    /// Wildcard in a policy key: any peer.
+    pub const ANY: u32 = 0;
+    /// The node the pod runs on (its addresses as the agent lists them).
+    pub const HOST: u32 = 1;
+    /// Any address that is neither a pod nor the node.
+    pub const WORLD: u32 = 2;
+    pub const FIRST_ALLOCATED: u32 = 256;
+}
+pub use identity::FIRST_ALLOCATED as FIRST_ALLOCATED_IDENTITY;
+
+/// IP protocol numbers the classifier distinguishes. Every other protocol is
+/// looked up as [`proto::OTHER`] with port 0.
+pub mod proto {
+    pub const OTHER: u8 = 0;
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// Value of [`ENDPOINTS`](crate::names::ENDPOINTS), keyed by the host-side
+/// interface index (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub endpoint_id: u32,
+    /// The pod's own identity, reported in flow events.
+    pub identity: u32,
+    /// Bumped by the agent whenever a verdict of this endpoint may change;
+    /// tracked connections with an older epoch are judged again.
+    pub epoch: u32,
+    pub flags: u32,
+    /// The pod's IPv4 address, valid when [`EndpointInfo::HAS_IPV4`] is set.
+    pub ipv4: [u8; 4],
+    /// The pod's IPv6 address, valid when [`EndpointInfo::HAS_IPV6`] is set.
+    pub ipv6: [u8; 16],
+}
+
+impl EndpointInfo {
+    pub const INGRESS_ISOLATED: u32 = 1 << 0;
+    pub const EGRESS_ISOLATED: u32 = 1 << 1;
+    pub const HAS_IPV4: u32 = 1 << 2;
+    pub const HAS_IPV6: u32 = 1 << 3;
+}
+
+/// Key of [`PEER_IPS`](crate::names::PEER_IPS): one exact address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerIpKey {
+    pub addr: Addr,
+}
+
+/// Data part of the [`PEER_CIDRS`](crate::names::PEER_CIDRS) LPM key; the
+/// prefix length precedes it in the trie key.
+pub type PeerCidrData = Addr;
+
+/// Value of both peer maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Pod identity, [`identity::HOST`] or [`identity::WORLD`].
+    pub identity: u32,
+    /// Identity of the longest ipBlock prefix that contains the address, or
+    /// [`identity::ANY`] when no prefix does. Pod entries carry it too, so an
+    /// ipBlock that covers a pod's address matches with one lookup.
+    pub cidr_identity: u32,
+}
+
+/// Key of [`POLICY`](crate::names::POLICY).
+///
+/// Lookup order for a new connection, first hit wins (NetworkPolicy has only
+/// allow rules, so order only decides which rule is reported):
+///   1. `identity = peer identity`  (podSelector / namespaceSelector peers)
+///   2. `identity = peer cidr identity` (ipBlock peers), when it has one
+///   3. `identity = ANY`            (rules without peers)
+/// each with `protocol` = the packet's TCP/UDP/SCTP number or [`proto::OTHER`].
+/// The value then matches the port: `any_port_rule`, else the first range
+/// containing the destination port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub endpoint_id: u32,
+    pub identity: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    pub _pad: [u8; 2],
+}
+
+impl PolicyKey {
+    #[inline(always)]
+    pub const fn new(endpoint_id: u32, identity: u32, direction: u8, protocol: u8) -> Self {
+        Self { endpoint_id, identity, direction, protocol, _pad: [0; 2] }
+    }
+}
+
+/// Port ranges one policy value holds; ranges beyond it are a compile error
+/// reported by the agent (the endpoint stays isolated).
+pub const MAX_PORT_RANGES: usize = 16;
+
+/// Inclusive destination port range `first..=last` and the rule that allows it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortRule {
+    pub first: u16,
+    pub last: u16,
+    pub rule_id: u32,
+}
+
+/// Value of [`POLICY`](crate::names::POLICY).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    /// Rule allowing every port of the key's protocol, 0 when none does.
+    pub any_port_rule: u32,
+    /// Valid entries at the start of `ranges`.
+    pub range_count: u32,
+    pub ranges: [PortRule; MAX_PORT_RANGES],
+}
+
+impl PolicyValue {
+    /// The rule that allows `port`, if any: the same logic the classifier runs.
+    #[inline(always)]
+    pub fn rule_for_port(&self, port: u16) -> Option<u32> {
+        if self.any_port_rule != 0 {
+            return Some(self.any_port_rule);
+        }
+        let count = if (self.range_count as usize) < MAX_PORT_RANGES {
+            self.range_count as usize
+        } else {
+            MAX_PORT_RANGES
+        };
+        let mut i = 0;
+        while i < count {
+            let r = &self.ranges[i];
+            if port >= r.first && port <= r.last {
+                return Some(r.rule_id);
+            }
+            i += 1;
+        }
+        None
+    }
+}
+
+/// Key of [`CONNTRACK`](crate::names::CONNTRACK). One entry per connection
+/// per endpoint: the local address is implied by the endpoint, so both
+/// directions of a connection find the same key without a second lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub endpoint_id: u32,
+    pub peer_addr: Addr,
+    /// For ICMP echo: the identifier on the side that sent the request, 0 on the other.
+    pub local_port: u16,
+    pub peer_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`CONNTRACK`](crate::names::CONNTRACK).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_coarse_ns` of the last refresh; refreshed at most once a second.
+    pub last_seen_ns: u64,
+    /// Rule that allowed the connection (0 when not isolated or from the node).
+    pub rule_id: u32,
+    /// Endpoint epoch at the last verdict; a mismatch makes the next packet re-judge.
+    pub epoch: u32,
+    pub peer_identity: u32,
+    /// [`Direction`](crate::Direction) of the packet that opened the connection.
+    pub origin: u8,
+    pub state: u8,
+    pub flags: u8,
+    /// [`Reason`](crate::Reason) of the verdict that opened or last re-judged it.
+    pub reason: u8,
+}
+
+pub mod ct_state {
+    /// Open and passing.
+    pub const OPEN: u8 = 1;
+    /// Both sides sent FIN: only the last ACKs pass until a new SYN re-judges.
+    pub const CLOSING: u8 = 2;
+    /// Re-judged under a newer policy and denied: every packet drops until the
+    /// next policy change allows it again or a new SYN is judged.
+    pub const REVOKED: u8 = 3;
+}
+
+pub mod ct_flags {
+    pub const SEEN_REPLY: u8 = 1 << 0;
+    pub const FIN_FROM_ORIGIN: u8 = 1 << 1;
+    pub const FIN_FROM_REPLY: u8 = 1 << 2;
+}
+
+/// Connection lifetimes without traffic, in nanoseconds.
+pub mod ct_timeout {
+    const SEC: u64 = 1_000_000_000;
+    pub const TCP_SYN: u64 = 60 * SEC;
+    pub const TCP_ESTABLISHED: u64 = 6 * 3600 * SEC;
+    pub const TCP_CLOSING: u64 = 10 * SEC;
+    pub const UDP: u64 = 120 * SEC;
+    pub const OTHER: u64 = 60 * SEC;
+    /// Refresh `last_seen_ns` only when it is older than this, to keep
+    /// established packets from writing shared memory every time.
+    pub const REFRESH: u64 = SEC;
+}
+
+/// Key of [`FRAGMENTS`](crate::names::FRAGMENTS): one datagram being fragmented.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub endpoint_id: u32,
+    /// IPv4 identification (16 bits) or IPv6 fragment identification.
+    pub id: u32,
+    pub src: Addr,
+    pub dst: Addr,
+    pub protocol: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of [`FRAGMENTS`](crate::names::FRAGMENTS): written only when the first
+/// fragment was allowed, so later fragments inherit its verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragEntry {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub rule_id: u32,
+}
+
+/// Value of [`VERDICT_STATS`](crate::names::VERDICT_STATS), a per-CPU array
+/// indexed by [`Reason`](crate::Reason).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Map capacities, shared so the agent can report occupancy against them.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 4096;
+    pub const PEER_IPS: u32 = 262_144;
+    pub const PEER_CIDRS: u32 = 65_536;
+    pub const POLICY: u32 = 262_144;
+    pub const CONNTRACK: u32 = 262_144;
+    pub const FRAGMENTS: u32 = 8192;
+    /// Bytes; a power of two and a multiple of the page size.
+    pub const FLOW_EVENTS_BYTES: u32 = 8 << 20;
+}
+
+const _: () = {
+    assert!(size_of::<EndpointInfo>() == 36);
+    assert!(size_of::<PeerIpKey>() == 16);
+    assert!(size_of::<PeerInfo>() == 8);
+    assert!(size_of::<PolicyKey>() == 12);
+    assert!(size_of::<PortRule>() == 8);
+    assert!(size_of::<PolicyValue>() == 8 + 8 * MAX_PORT_RANGES);
+    assert!(size_of::<CtKey>() == 28);
+    assert!(size_of::<CtEntry>() == 24);
+    assert!(size_of::<FragKey>() == 44);
+    assert!(size_of::<FragEntry>() == 8);
+    assert!(size_of::<VerdictCounter>() == 16);
+};
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays,
+    // with every padding byte an explicit field, so any bit pattern is valid.
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for PeerIpKey {}
+    unsafe impl aya::Pod for PeerInfo {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragEntry {}
+    unsafe impl aya::Pod for VerdictCounter {}
+    unsafe impl aya::Pod for crate::FlowEvent {}
+}

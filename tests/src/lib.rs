@@ -1,0 +1,2 @@
+//! Helpers for Palisade's end-to-end tests: packet crafting for
+//! BPF_PROG_TEST_RUN and network-namespace topologies with real sockets.
