@@ -1,0 +1,76 @@
+//! Typed handles on the classifier's maps.
+
+use aya::maps::{
+    HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key,
+};
+use policy_common::{
+    Addr, CtEntry, CtKey, EndpointInfo, FragEntry, FragKey, PeerInfo, PeerIpKey, PolicyKey,
+    PolicyValue, Reason, VerdictCounter, names,
+};
+
+use super::{Datapath, DatapathError};
+
+/// Key of the ipBlock prefix trie: prefix length in the 128-bit space, address.
+pub type PeerCidrKey = Key<Addr>;
+
+/// The trie key for `addr/prefix_len` (IPv4 given IPv4-mapped, length in IPv4 bits).
+pub fn cidr_key(addr: std::net::IpAddr, prefix_len: u8) -> PeerCidrKey {
+    match addr {
+        std::net::IpAddr::V4(v4) => Key::new(
+            u32::from(prefix_len) + policy_common::V4_MAPPED_PREFIX_LEN,
+            policy_common::v4_mapped(v4.octets()),
+        ),
+        std::net::IpAddr::V6(v6) => Key::new(u32::from(prefix_len), v6.octets()),
+    }
+}
+
+macro_rules! map_accessor {
+    ($fn_name:ident, $map_name:expr, $ty:ty) => {
+        pub fn $fn_name(&mut self) -> Result<$ty, DatapathError> {
+            let name = $map_name;
+            let map = self
+                .ebpf
+                .map_mut(name)
+                .ok_or(DatapathError::Missing { kind: "map", name })?;
+            <$ty>::try_from(map).map_err(|source| DatapathError::Map { name, source })
+        }
+    };
+}
+
+impl Datapath {
+    map_accessor!(endpoints, names::ENDPOINTS, HashMap<&mut MapData, u32, EndpointInfo>);
+    map_accessor!(peer_ips, names::PEER_IPS, HashMap<&mut MapData, PeerIpKey, PeerInfo>);
+    map_accessor!(peer_cidrs, names::PEER_CIDRS, LpmTrie<&mut MapData, Addr, PeerInfo>);
+    map_accessor!(policy, names::POLICY, HashMap<&mut MapData, PolicyKey, PolicyValue>);
+    map_accessor!(conntrack, names::CONNTRACK, HashMap<&mut MapData, CtKey, CtEntry>);
+    map_accessor!(fragments, names::FRAGMENTS, HashMap<&mut MapData, FragKey, FragEntry>);
+    map_accessor!(verdict_stats, names::VERDICT_STATS, PerCpuArray<&mut MapData, VerdictCounter>);
+    map_accessor!(events_lost_map, names::EVENTS_LOST, PerCpuArray<&mut MapData, u64>);
+
+    /// Packets and bytes by reason, summed over CPUs.
+    pub fn verdict_totals(&mut self) -> Result<Vec<(Reason, VerdictCounter)>, DatapathError> {
+        let stats = self.verdict_stats()?;
+        let mut totals = Vec::with_capacity(Reason::ALL.len());
+        for reason in Reason::ALL {
+            let per_cpu = stats
+                .get(&u32::from(reason as u8), 0)
+                .map_err(|source| DatapathError::Map { name: names::VERDICT_STATS, source })?;
+            let mut sum = VerdictCounter::default();
+            for c in per_cpu.iter() {
+                sum.packets += c.packets;
+                sum.bytes += c.bytes;
+            }
+            totals.push((reason, sum));
+        }
+        Ok(totals)
+    }
+
+    /// Flow events the kernel could not reserve room for, summed over CPUs.
+    pub fn events_lost(&mut self) -> Result<u64, DatapathError> {
+        let lost = self.events_lost_map()?;
+        let per_cpu = lost
+            .get(&0, 0)
+            .map_err(|source| DatapathError::Map { name: names::EVENTS_LOST, source })?;
+        Ok(per_cpu.iter().sum())
+    }
+}

@@ -1,0 +1,305 @@
+//! The per-packet path: endpoint, parse, anti-spoofing, fragments, conntrack,
+//! policy, then one exit that counts, reports and returns the action.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_coarse_ns,
+    programs::TcContext,
+};
+use policy_common::{
+    Addr, CtEntry, CtKey, Direction, EndpointInfo, FragEntry, FragKey, PeerInfo, Reason, Verdict,
+    ct_state, identity, proto,
+};
+
+use crate::{
+    conntrack::{Update, is_expired, is_tcp_open, key_for, opening_dport, track},
+    maps::{CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH},
+    parse::{Fragment, IcmpKind, Packet, Parsed, Tuple, parse},
+    policy::{judge, resolve_peer},
+    report::{EventInfo, count, emit},
+};
+
+/// Pass, letting the next TCX program or the stack have the packet.
+pub const PASS: i32 = TC_ACT_UNSPEC;
+pub const DROP: i32 = TC_ACT_SHOT as i32;
+
+/// Headers the parser may need in the linear part of the skb.
+const PULL_LEN: u32 = 128;
+
+struct Outcome {
+    reason: Reason,
+    rule_id: u32,
+    peer: PeerInfo,
+    /// A new-connection verdict: goes to the flow log. Drops always do.
+    report: bool,
+}
+
+impl Outcome {
+    #[inline(always)]
+    const fn dropped(reason: Reason) -> Self {
+        Outcome { reason, rule_id: 0, peer: PeerInfo { identity: 0, cidr_identity: 0 }, report: true }
+    }
+
+    #[inline(always)]
+    const fn quiet(reason: Reason, rule_id: u32, peer_identity: u32) -> Self {
+        Outcome {
+            reason,
+            rule_id,
+            peer: PeerInfo { identity: peer_identity, cidr_identity: 0 },
+            report: false,
+        }
+    }
+}
+
+#[inline(always)]
+pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
+    let len = ctx.len();
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
+        return drop_unparsed(ifindex, 0, direction, len, Reason::DroppedUnknownEndpoint);
+    };
+    pull_headers(ctx, len);
+    let Some(packet) = SCRATCH.get_ptr_mut(0) else {
+        return DROP;
+    };
+    let packet = unsafe { &mut *packet };
+    match parse(ctx, packet) {
+        Parsed::Ip => {}
+        Parsed::Control => {
+            count(Reason::AllowedControl, len);
+            return PASS;
+        }
+        Parsed::Malformed => {
+            return drop_unparsed(ifindex, ep.endpoint_id, direction, len, Reason::DroppedMalformed);
+        }
+        Parsed::UnsupportedL3 => {
+            return drop_unparsed(ifindex, ep.endpoint_id, direction, len, Reason::DroppedUnsupportedL3);
+        }
+        Parsed::Ipv6ExtChain => {
+            return drop_unparsed(ifindex, ep.endpoint_id, direction, len, Reason::DroppedIpv6ExtChain);
+        }
+    }
+    let outcome = decide(ep, direction, packet);
+    let tuple = &packet.tuple;
+    let allowed = outcome.reason.verdict() == Verdict::Allowed;
+    if allowed && let Fragment::First { id } = packet.fragment {
+        let key = frag_key(ep.endpoint_id, id, tuple, direction);
+        let entry = FragEntry { src_port: tuple.sport, dst_port: tuple.dport, rule_id: outcome.rule_id };
+        let _ = FRAGMENTS.insert(&key, &entry, 0);
+    }
+    count(outcome.reason, len);
+    if outcome.report || !allowed {
+        let info = EventInfo {
+            ifindex,
+            endpoint_id: ep.endpoint_id,
+            direction: direction as u8,
+            family: packet.family,
+            flags_or_type: packet.flags_or_type,
+            len,
+            peer_identity: outcome.peer.identity,
+            peer_cidr_identity: outcome.peer.cidr_identity,
+            rule_id: outcome.rule_id,
+            reason: outcome.reason,
+        };
+        emit(Some(tuple), &info);
+    }
+    if allowed { PASS } else { DROP }
+}
+
+#[inline(always)]
+fn decide(ep: &EndpointInfo, direction: Direction, packet: &mut Packet) -> Outcome {
+    if direction == Direction::Egress && !owns_source(ep, packet) {
+        return Outcome::dropped(Reason::DroppedSpoofedSource);
+    }
+    if let Fragment::Later { id, last } = packet.fragment {
+        return later_fragment(ep, direction, &mut packet.tuple, id, last);
+    }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if packet.icmp == IcmpKind::Error && packet.has_inner {
+        // The quoted packet travelled the other way.
+        let inner = &packet.inner;
+        let key = key_for(ep.endpoint_id, inner, reverse(direction));
+        if let Some(entry) = unsafe { CONNTRACK.get(&key) }
+            && entry.state != ct_state::REVOKED
+            && !is_expired(entry, inner.protocol, now)
+        {
+            return Outcome::quiet(Reason::AllowedRelated, entry.rule_id, entry.peer_identity);
+        }
+    }
+
+    let tuple = &packet.tuple;
+    let protocol = tuple.protocol;
+    let opens_tcp = is_tcp_open(protocol, packet.flags_or_type);
+    let key = key_for(ep.endpoint_id, tuple, direction);
+    if !opens_tcp
+        && let Some(entry) = CONNTRACK.get_ptr_mut(&key)
+    {
+        let entry = unsafe { &mut *entry };
+        if !is_expired(entry, protocol, now) {
+            return established(ep, direction, &key, entry, packet.flags_or_type, now);
+        }
+    }
+
+    // A new connection, or a packet that no tracked connection explains.
+    let peer = resolve_peer(peer_addr(tuple, direction));
+    let judgement = judge(ep, direction, &peer, protocol, tuple.dport);
+    let opens = match protocol {
+        proto::TCP => opens_tcp,
+        proto::ICMP | proto::ICMPV6 => packet.icmp == IcmpKind::EchoRequest,
+        _ => true,
+    };
+    if judgement.reason.verdict() == Verdict::Allowed {
+        if !opens {
+            return Outcome::quiet(Reason::AllowedStateless, judgement.rule_id, peer.identity);
+        }
+        let entry = CtEntry {
+            last_seen_ns: now,
+            rule_id: judgement.rule_id,
+            epoch: ep.epoch,
+            peer_identity: peer.identity,
+            origin: direction as u8,
+            state: ct_state::OPEN,
+            flags: 0,
+            reason: judgement.reason as u8,
+        };
+        let _ = CONNTRACK.insert(&key, &entry, 0);
+    }
+    Outcome { reason: judgement.reason, rule_id: judgement.rule_id, peer, report: true }
+}
+
+/// A packet of a tracked connection. When the endpoint's policy changed since
+/// the connection was last judged, it is judged again as it was opened.
+#[inline(always)]
+fn established(
+    ep: &EndpointInfo,
+    direction: Direction,
+    key: &CtKey,
+    entry: &mut CtEntry,
+    tcp_flags: u8,
+    now: u64,
+) -> Outcome {
+    if entry.epoch != ep.epoch {
+        let origin = if entry.origin == Direction::Egress as u8 {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        };
+        let peer = resolve_peer(&key.peer_addr);
+        let judgement = judge(ep, origin, &peer, key.protocol, opening_dport(key, entry.origin));
+        entry.epoch = ep.epoch;
+        entry.peer_identity = peer.identity;
+        entry.rule_id = judgement.rule_id;
+        entry.reason = judgement.reason as u8;
+        if judgement.reason.verdict() == Verdict::Denied {
+            entry.state = ct_state::REVOKED;
+        } else if entry.state == ct_state::REVOKED {
+            entry.state = ct_state::OPEN;
+        }
+    }
+    if entry.state == ct_state::REVOKED {
+        let mut outcome = Outcome::dropped(Reason::DeniedRevoked);
+        outcome.peer.identity = entry.peer_identity;
+        return outcome;
+    }
+    if let Update::Remove = track(entry, direction, key.protocol, tcp_flags, now) {
+        let _ = CONNTRACK.remove(key);
+    }
+    Outcome::quiet(Reason::AllowedEstablished, entry.rule_id, entry.peer_identity)
+}
+
+/// A fragment without transport header: it follows its first fragment.
+#[inline(always)]
+fn later_fragment(ep: &EndpointInfo, direction: Direction, tuple: &mut Tuple, id: u32, last: bool) -> Outcome {
+    let key = frag_key(ep.endpoint_id, id, tuple, direction);
+    match unsafe { FRAGMENTS.get(&key) } {
+        Some(first) => {
+            tuple.sport = first.src_port;
+            tuple.dport = first.dst_port;
+            let outcome = Outcome::quiet(Reason::AllowedFragment, first.rule_id, identity::ANY);
+            if last {
+                let _ = FRAGMENTS.remove(&key);
+            }
+            outcome
+        }
+        None => Outcome::dropped(Reason::DroppedFragmentUnknown),
+    }
+}
+
+#[inline(always)]
+fn frag_key(endpoint_id: u32, id: u32, tuple: &Tuple, direction: Direction) -> FragKey {
+    FragKey {
+        endpoint_id,
+        id,
+        src: tuple.src,
+        dst: tuple.dst,
+        protocol: tuple.protocol,
+        direction: direction as u8,
+        _pad: [0; 2],
+    }
+}
+
+/// Reports a packet dropped before its headers could be read.
+#[inline(always)]
+fn drop_unparsed(ifindex: u32, endpoint_id: u32, direction: Direction, len: u32, reason: Reason) -> i32 {
+    count(reason, len);
+    let info = EventInfo {
+        ifindex,
+        endpoint_id,
+        direction: direction as u8,
+        family: 0,
+        flags_or_type: 0,
+        len,
+        peer_identity: 0,
+        peer_cidr_identity: 0,
+        rule_id: 0,
+        reason,
+    };
+    emit(None, &info);
+    DROP
+}
+
+#[inline(always)]
+fn pull_headers(ctx: &TcContext, len: u32) {
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    if linear < len && linear < PULL_LEN {
+        let _ = ctx.pull_data(if len < PULL_LEN { len } else { PULL_LEN });
+    }
+}
+
+#[inline(always)]
+fn owns_source(ep: &EndpointInfo, packet: &Packet) -> bool {
+    let src = &packet.tuple.src;
+    if packet.family == 4 {
+        ep.flags & EndpointInfo::HAS_IPV4 != 0
+            && u32::from_ne_bytes([src[12], src[13], src[14], src[15]]) == u32::from_ne_bytes(ep.ipv4)
+    } else {
+        ep.flags & EndpointInfo::HAS_IPV6 != 0 && addr_eq(src, &ep.ipv6)
+    }
+}
+
+#[inline(always)]
+fn addr_eq(a: &Addr, b: &Addr) -> bool {
+    let mut diff = 0u8;
+    let mut i = 0;
+    while i < 16 {
+        diff |= a[i] ^ b[i];
+        i += 1;
+    }
+    diff == 0
+}
+
+#[inline(always)]
+fn peer_addr(tuple: &Tuple, direction: Direction) -> &Addr {
+    match direction {
+        Direction::Egress => &tuple.dst,
+        Direction::Ingress => &tuple.src,
+    }
+}
+
+#[inline(always)]
+fn reverse(direction: Direction) -> Direction {
+    match direction {
+        Direction::Egress => Direction::Ingress,
+        Direction::Ingress => Direction::Egress,
+    }
+}

@@ -1,0 +1,98 @@
+//! Connection tracking: one entry per (endpoint, connection), keyed so both
+//! directions find it with a single lookup.
+
+use policy_common::{CtEntry, CtKey, Direction, ct_flags, ct_state, ct_timeout, proto};
+
+use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple};
+
+/// The key of `tuple` crossing the endpoint's boundary in `direction`.
+#[inline(always)]
+pub fn key_for(endpoint_id: u32, tuple: &Tuple, direction: Direction) -> CtKey {
+    match direction {
+        Direction::Egress => CtKey {
+            endpoint_id,
+            peer_addr: tuple.dst,
+            local_port: tuple.sport,
+            peer_port: tuple.dport,
+            protocol: tuple.protocol,
+            _pad: [0; 3],
+        },
+        Direction::Ingress => CtKey {
+            endpoint_id,
+            peer_addr: tuple.src,
+            local_port: tuple.dport,
+            peer_port: tuple.sport,
+            protocol: tuple.protocol,
+            _pad: [0; 3],
+        },
+    }
+}
+
+/// The destination port of the packet that opened the connection.
+#[inline(always)]
+pub fn opening_dport(key: &CtKey, origin: u8) -> u16 {
+    if origin == Direction::Egress as u8 { key.peer_port } else { key.local_port }
+}
+
+#[inline(always)]
+pub fn is_expired(entry: &CtEntry, protocol: u8, now: u64) -> bool {
+    let timeout = match protocol {
+        proto::TCP => {
+            if entry.state == ct_state::CLOSING {
+                ct_timeout::TCP_CLOSING
+            } else if entry.flags & ct_flags::SEEN_REPLY == 0 {
+                ct_timeout::TCP_SYN
+            } else {
+                ct_timeout::TCP_ESTABLISHED
+            }
+        }
+        proto::UDP => ct_timeout::UDP,
+        _ => ct_timeout::OTHER,
+    };
+    now.wrapping_sub(entry.last_seen_ns) > timeout
+}
+
+/// A TCP segment that opens a connection: SYN without ACK.
+#[inline(always)]
+pub fn is_tcp_open(protocol: u8, flags: u8) -> bool {
+    protocol == proto::TCP && flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// What a passing packet of an open connection does to its entry.
+pub enum Update {
+    Keep,
+    /// RST: the connection is over; the entry goes after this packet passes.
+    Remove,
+}
+
+/// Records reply, FIN and refresh time for a packet of an open connection.
+/// Writes only when something changed, to keep established packets from
+/// dirtying the shared entry.
+#[inline(always)]
+pub fn track(entry: &mut CtEntry, direction: Direction, protocol: u8, tcp_flags: u8, now: u64) -> Update {
+    let from_origin = entry.origin == direction as u8;
+    let mut flags = entry.flags;
+    if !from_origin {
+        flags |= ct_flags::SEEN_REPLY;
+    }
+    if protocol == proto::TCP {
+        if tcp_flags & TCP_RST != 0 {
+            return Update::Remove;
+        }
+        if tcp_flags & TCP_FIN != 0 {
+            flags |= if from_origin { ct_flags::FIN_FROM_ORIGIN } else { ct_flags::FIN_FROM_REPLY };
+            if flags & (ct_flags::FIN_FROM_ORIGIN | ct_flags::FIN_FROM_REPLY)
+                == ct_flags::FIN_FROM_ORIGIN | ct_flags::FIN_FROM_REPLY
+            {
+                entry.state = ct_state::CLOSING;
+            }
+        }
+    }
+    if flags != entry.flags {
+        entry.flags = flags;
+    }
+    if now.wrapping_sub(entry.last_seen_ns) > ct_timeout::REFRESH {
+        entry.last_seen_ns = now;
+    }
+    Update::Keep
+}

@@ -1,0 +1,54 @@
+//! The classifier's maps. All are pinned by name under the agent's pin
+//! directory so enforcement survives agent restarts.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use policy_common::{
+    CtEntry, CtKey, EndpointInfo, FragEntry, FragKey, PeerCidrData, PeerInfo, PeerIpKey,
+    PolicyKey, PolicyValue, Reason, VerdictCounter, capacity,
+};
+
+/// Hash maps that are written rarely and can be large allocate on update.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Host-side ifindex -> endpoint.
+#[map(name = "PALISADE_ENDPOINTS")]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
+/// Exact addresses of pods and of the node.
+#[map(name = "PALISADE_PEER_IPS")]
+pub static PEER_IPS: HashMap<PeerIpKey, PeerInfo> = HashMap::pinned(capacity::PEER_IPS, 0);
+
+/// ipBlock prefixes, longest match (LPM tries are always allocated on update).
+#[map(name = "PALISADE_PEER_CIDRS")]
+pub static PEER_CIDRS: LpmTrie<PeerCidrData, PeerInfo> =
+    LpmTrie::pinned(capacity::PEER_CIDRS, 0);
+
+#[map(name = "PALISADE_POLICY")]
+pub static POLICY: HashMap<PolicyKey, PolicyValue> =
+    HashMap::pinned(capacity::POLICY, BPF_F_NO_PREALLOC);
+
+#[map(name = "PALISADE_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+#[map(name = "PALISADE_FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
+
+#[map(name = "PALISADE_FLOW_EVENTS")]
+pub static FLOW_EVENTS: RingBuf = RingBuf::pinned(capacity::FLOW_EVENTS_BYTES, 0);
+
+/// Packets and bytes by [`Reason`].
+#[map(name = "PALISADE_VERDICT_STATS")]
+pub static VERDICT_STATS: PerCpuArray<VerdictCounter> = PerCpuArray::pinned(Reason::COUNT, 0);
+
+/// Flow events the ring buffer had no room for.
+#[map(name = "PALISADE_EVENTS_LOST")]
+pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Per-CPU scratch space for the parsed packet: the BPF stack (512 bytes) is
+/// too small to hold it beside the map keys. A classifier run never nests on
+/// one CPU, so one slot per CPU suffices.
+#[map(name = "PALISADE_SCRATCH")]
+pub static SCRATCH: PerCpuArray<crate::parse::Packet> = PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,383 @@
+//! Header parsing with direct packet access.
+//!
+//! The parser reads only what the verdict needs: addresses, protocol, ports,
+//! TCP flags, ICMP type, fragment position, and for ICMP errors the tuple of the
+//! packet they quote. Anything truncated or inconsistent is `Malformed`: the
+//! caller drops it, so a header the classifier cannot read never passes.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::TcContext;
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+use policy_common::{Addr, proto};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
+
+/// IPv6 extension headers walked before giving up on the packet.
+pub const MAX_IPV6_EXT_HEADERS: u32 = 8;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Where a packet sits in a fragmented datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    None,
+    /// Offset 0 with more fragments to come: carries the L4 header.
+    First { id: u32 },
+    /// Offset > 0: no L4 header; `last` when no more fragments follow.
+    Later { id: u32, last: bool },
+}
+
+/// What an ICMP message means for connection tracking.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum IcmpKind {
+    NotIcmp,
+    EchoRequest,
+    EchoReply,
+    /// Destination unreachable, time exceeded, parameter problem, packet too
+    /// big: the quoted packet's tuple is in [`Packet::inner`].
+    Error,
+    Other,
+}
+
+/// The tuple of a packet, ports in host order. Aligned so addresses can be
+/// written as whole words.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+}
+
+#[repr(C)]
+pub struct Packet {
+    pub tuple: Tuple,
+    pub inner: Tuple,
+    pub family: u8,
+    /// TCP flags, or the ICMP type.
+    pub flags_or_type: u8,
+    pub icmp: IcmpKind,
+    pub fragment: Fragment,
+    /// `inner` holds the packet an [`IcmpKind::Error`] quotes, as it was sent.
+    pub has_inner: bool,
+}
+
+pub enum Parsed {
+    /// `Packet` was filled in.
+    Ip,
+    /// ARP, IPv6 neighbour discovery and MLD: link-local control.
+    Control,
+    Malformed,
+    UnsupportedL3,
+    Ipv6ExtChain,
+}
+
+impl Tuple {
+    /// Stores IPv4 addresses in their IPv4-mapped form, a word at a time.
+    #[inline(always)]
+    fn set_v4(&mut self, src: [u8; 4], dst: [u8; 4]) {
+        let mapped = |a: [u8; 4]| u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]);
+        // SAFETY: `Tuple` is 8-aligned with `src` at 0 and `dst` at 16.
+        unsafe {
+            let words = (self as *mut Tuple).cast::<u64>();
+            words.write(0);
+            words.add(1).write(mapped(src));
+            words.add(2).write(0);
+            words.add(3).write(mapped(dst));
+        }
+    }
+}
+
+/// Reads headers at offsets the verifier can follow (constants): direct
+/// packet access. Offsets that depend on packet contents go through
+/// [`Loaded`], because LLVM rewrites a variable-offset bounds check into a form
+/// the verifier cannot use.
+trait Bytes {
+    fn get<T: Copy>(&self, offset: usize) -> Option<T>;
+}
+
+struct Direct<'a>(&'a TcContext);
+struct Loaded<'a>(&'a TcContext);
+
+impl Bytes for Direct<'_> {
+    #[inline(always)]
+    fn get<T: Copy>(&self, offset: usize) -> Option<T> {
+        ptr_at::<T>(self.0, offset).map(|p| unsafe { p.read_unaligned() })
+    }
+}
+
+impl Bytes for Loaded<'_> {
+    #[inline(always)]
+    fn get<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.0.load::<T>(offset).ok()
+    }
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext, packet: &mut Packet) -> Parsed {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Parsed::Malformed;
+    };
+    match u16::from_be(unsafe { (*eth).ether_type }) {
+        ETH_P_IP => parse_ipv4(ctx, EthHdr::LEN, packet),
+        ETH_P_IPV6 => parse_ipv6(ctx, EthHdr::LEN, packet),
+        ETH_P_ARP => Parsed::Control,
+        _ => Parsed::UnsupportedL3,
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, off: usize, packet: &mut Packet) -> Parsed {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, off) else {
+        return Parsed::Malformed;
+    };
+    let ip = unsafe { &*ip };
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    let total_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || total_len < ihl {
+        return Parsed::Malformed;
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    let more = frags & 0x2000 != 0;
+    let offset = frags & 0x1fff;
+    let id = u16::from_be_bytes(ip.id) as u32;
+    packet.fragment = if offset != 0 {
+        Fragment::Later { id, last: !more }
+    } else if more {
+        Fragment::First { id }
+    } else {
+        Fragment::None
+    };
+    packet.family = 4;
+    packet.tuple.set_v4(ip.src_addr, ip.dst_addr);
+    packet.tuple.protocol = ip.proto;
+    if ihl == Ipv4Hdr::LEN {
+        finish_l4(ctx, &Direct(ctx), EthHdr::LEN + Ipv4Hdr::LEN, packet)
+    } else {
+        finish_l4(ctx, &Loaded(ctx), off + ihl, packet)
+    }
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, off: usize, packet: &mut Packet) -> Parsed {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, off) else {
+        return Parsed::Malformed;
+    };
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return Parsed::Malformed;
+    }
+    let mut next = ip.next_hdr;
+    let mut l4 = off + Ipv6Hdr::LEN;
+    packet.fragment = Fragment::None;
+    packet.family = 6;
+    packet.tuple.src = ip.src_addr;
+    packet.tuple.dst = ip.dst_addr;
+
+    let mut walked = 0;
+    while walked < MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let Some([nh, len]) = Loaded(ctx).get::<[u8; 2]>(l4) else {
+                    return Parsed::Malformed;
+                };
+                next = nh;
+                l4 += (len as usize + 1) * 8;
+            }
+            IPPROTO_AH => {
+                let Some([nh, len]) = Loaded(ctx).get::<[u8; 2]>(l4) else {
+                    return Parsed::Malformed;
+                };
+                next = nh;
+                l4 += (len as usize + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let Some(hdr) = Loaded(ctx).get::<[u8; 8]>(l4) else {
+                    return Parsed::Malformed;
+                };
+                next = hdr[0];
+                let offset_flags = u16::from_be_bytes([hdr[2], hdr[3]]);
+                let id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                let more = offset_flags & 1 != 0;
+                packet.fragment = if offset_flags >> 3 != 0 {
+                    Fragment::Later { id, last: !more }
+                } else if more {
+                    Fragment::First { id }
+                } else {
+                    Fragment::None
+                };
+                l4 += 8;
+                if let Fragment::Later { .. } = packet.fragment {
+                    break;
+                }
+            }
+            _ => break,
+        }
+        // Bounds the offset for the verifier; a chain this long is malformed anyway.
+        if l4 > 1024 {
+            return Parsed::Ipv6ExtChain;
+        }
+        walked += 1;
+    }
+    if walked == MAX_IPV6_EXT_HEADERS {
+        return Parsed::Ipv6ExtChain;
+    }
+    packet.tuple.protocol = next;
+    if walked == 0 {
+        finish_l4(ctx, &Direct(ctx), EthHdr::LEN + Ipv6Hdr::LEN, packet)
+    } else {
+        finish_l4(ctx, &Loaded(ctx), l4, packet)
+    }
+}
+
+/// Reads ports, flags and ICMP details at `l4`.
+#[inline(always)]
+fn finish_l4(ctx: &TcContext, bytes: &impl Bytes, l4: usize, packet: &mut Packet) -> Parsed {
+    packet.tuple.sport = 0;
+    packet.tuple.dport = 0;
+    packet.flags_or_type = 0;
+    packet.icmp = IcmpKind::NotIcmp;
+    packet.has_inner = false;
+    if let Fragment::Later { .. } = packet.fragment {
+        // No L4 header: ports come from the first fragment's state.
+        return Parsed::Ip;
+    }
+    match packet.tuple.protocol {
+        proto::TCP => {
+            // The fixed header: ports, and flags at byte 13.
+            let Some(hdr) = bytes.get::<[u8; 20]>(l4) else {
+                return Parsed::Malformed;
+            };
+            packet.tuple.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+            packet.tuple.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+            packet.flags_or_type = hdr[13];
+        }
+        proto::UDP | proto::SCTP => {
+            let Some(hdr) = bytes.get::<[u8; 8]>(l4) else {
+                return Parsed::Malformed;
+            };
+            packet.tuple.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+            packet.tuple.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+        }
+        proto::ICMP | proto::ICMPV6 => {
+            let Some(hdr) = bytes.get::<[u8; 8]>(l4) else {
+                return Parsed::Malformed;
+            };
+            let Some(kind) = icmp_kind(packet.tuple.protocol, hdr[0]) else {
+                return Parsed::Control;
+            };
+            packet.flags_or_type = hdr[0];
+            let echo_id = u16::from_be_bytes([hdr[4], hdr[5]]);
+            match kind {
+                IcmpKind::EchoRequest => packet.tuple.sport = echo_id,
+                IcmpKind::EchoReply => packet.tuple.dport = echo_id,
+                IcmpKind::Error => {
+                    packet.has_inner = quoted_tuple(ctx, packet.family, l4 + 8, &mut packet.inner)
+                }
+                _ => {}
+            }
+            packet.icmp = kind;
+        }
+        _ => {}
+    }
+    Parsed::Ip
+}
+
+/// `None` for link-local control messages, which always pass.
+#[inline(always)]
+fn icmp_kind(protocol: u8, icmp_type: u8) -> Option<IcmpKind> {
+    let kind = if protocol == proto::ICMP {
+        match icmp_type {
+            8 => IcmpKind::EchoRequest,
+            0 => IcmpKind::EchoReply,
+            3 | 11 | 12 => IcmpKind::Error,
+            _ => IcmpKind::Other,
+        }
+    } else {
+        match icmp_type {
+            128 => IcmpKind::EchoRequest,
+            129 => IcmpKind::EchoReply,
+            1..=4 => IcmpKind::Error,
+            // MLD (130-132, 143) and neighbour discovery (133-137).
+            130..=137 | 143 => return None,
+            _ => IcmpKind::Other,
+        }
+    };
+    Some(kind)
+}
+
+/// The tuple of the packet an ICMP error quotes: its IP header (no IPv6
+/// extension headers) and the first 8 bytes of its transport header.
+#[inline(always)]
+fn quoted_tuple(ctx: &TcContext, family: u8, off: usize, tuple: &mut Tuple) -> bool {
+    let bytes = Loaded(ctx);
+    let l4 = if family == 4 {
+        let Some(ip) = bytes.get::<Ipv4Hdr>(off) else {
+            return false;
+        };
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        if ihl < Ipv4Hdr::LEN {
+            return false;
+        }
+        tuple.set_v4(ip.src_addr, ip.dst_addr);
+        tuple.protocol = ip.proto;
+        off + ihl
+    } else {
+        let Some(ip) = bytes.get::<Ipv6Hdr>(off) else {
+            return false;
+        };
+        tuple.src = ip.src_addr;
+        tuple.dst = ip.dst_addr;
+        tuple.protocol = ip.next_hdr;
+        off + Ipv6Hdr::LEN
+    };
+    let Some(hdr) = bytes.get::<[u8; 8]>(l4) else {
+        return false;
+    };
+    tuple.sport = 0;
+    tuple.dport = 0;
+    match tuple.protocol {
+        proto::TCP | proto::UDP | proto::SCTP => {
+            tuple.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+            tuple.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+        }
+        proto::ICMP | proto::ICMPV6 => {
+            // Only an echo request opens a tracked ICMP flow.
+            let request = if tuple.protocol == proto::ICMP { 8 } else { 128 };
+            if hdr[0] != request {
+                return false;
+            }
+            tuple.sport = u16::from_be_bytes([hdr[4], hdr[5]]);
+        }
+        _ => {}
+    }
+    true
+}

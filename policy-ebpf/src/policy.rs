@@ -1,0 +1,54 @@
+//! Peer identity resolution and the verdict for a new connection.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use policy_common::{
+    Addr, Direction, EndpointInfo, PeerInfo, PeerIpKey, Reason, identity, verdict::allowing_rule,
+};
+
+use crate::maps::{PEER_CIDRS, PEER_IPS, POLICY};
+
+/// Pods and the node by exact address, then ipBlock prefixes, else the world.
+#[inline(always)]
+pub fn resolve_peer(addr: &Addr) -> PeerInfo {
+    if let Some(info) = unsafe { PEER_IPS.get(&PeerIpKey { addr: *addr }) } {
+        return *info;
+    }
+    let cidr_identity = match PEER_CIDRS.get(&Key::new(128, *addr)) {
+        Some(info) => info.cidr_identity,
+        None => identity::ANY,
+    };
+    PeerInfo { identity: identity::WORLD, cidr_identity }
+}
+
+pub struct Judgement {
+    pub reason: Reason,
+    pub rule_id: u32,
+}
+
+/// Decides a connection opened in `direction` with `peer`, to `dport`.
+#[inline(always)]
+pub fn judge(
+    ep: &EndpointInfo,
+    direction: Direction,
+    peer: &PeerInfo,
+    protocol: u8,
+    dport: u16,
+) -> Judgement {
+    let isolated = match direction {
+        Direction::Ingress => {
+            if peer.identity == identity::HOST {
+                return Judgement { reason: Reason::AllowedFromNode, rule_id: 0 };
+            }
+            EndpointInfo::INGRESS_ISOLATED
+        }
+        Direction::Egress => EndpointInfo::EGRESS_ISOLATED,
+    };
+    if ep.flags & isolated == 0 {
+        return Judgement { reason: Reason::AllowedNotIsolated, rule_id: 0 };
+    }
+    let lookup = |key: &_| unsafe { POLICY.get(key) };
+    match allowing_rule(lookup, ep.endpoint_id, direction as u8, peer, protocol, dport) {
+        Some(rule_id) => Judgement { reason: Reason::AllowedByPolicy, rule_id },
+        None => Judgement { reason: Reason::DeniedByPolicy, rule_id: 0 },
+    }
+}

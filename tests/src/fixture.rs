@@ -1,0 +1,150 @@
+//! A classifier loaded in the kernel with private maps, for BPF_PROG_TEST_RUN.
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, Result};
+use policy_agent::datapath::{Datapath, FlowReader, ReadEvent, action, cidr_key};
+use policy_common::{
+    Addr, Direction, EndpointInfo, FlowEvent, PeerInfo, PeerIpKey, PolicyKey, PolicyValue,
+    PortRule, Reason, event::DecodedCodes, v4_mapped,
+};
+
+/// The interface test runs pretend to cross: the loopback device, which
+/// BPF_PROG_TEST_RUN uses when no other is named.
+pub const TEST_IFINDEX: u32 = 1;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The 16-byte map form of an address.
+pub fn addr(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// What one test run did.
+#[derive(Debug)]
+pub struct Run {
+    pub action: i32,
+    pub events: Vec<(FlowEvent, DecodedCodes)>,
+}
+
+impl Run {
+    pub fn passed(&self) -> bool {
+        self.action == action::PASS
+    }
+    pub fn dropped(&self) -> bool {
+        self.action == action::DROP
+    }
+    /// The reason of the single event this run produced, if exactly one.
+    pub fn reason(&self) -> Option<Reason> {
+        match self.events.as_slice() {
+            [(_, codes)] => Some(codes.reason),
+            _ => None,
+        }
+    }
+}
+
+/// A loaded classifier with maps pinned in a private directory removed on drop.
+pub struct Classifier {
+    pub datapath: Datapath,
+    pub events: FlowReader,
+    pin_dir: PathBuf,
+}
+
+impl Classifier {
+    pub fn load() -> Result<Self> {
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/palisade-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        let mut datapath = Datapath::load(&pin_dir).context("loading the classifier")?;
+        let events = FlowReader::take(&mut datapath)?;
+        Ok(Self { datapath, events, pin_dir })
+    }
+
+    /// Registers the endpoint behind [`TEST_IFINDEX`].
+    pub fn set_endpoint(&mut self, info: EndpointInfo) -> Result<()> {
+        self.datapath.endpoints()?.insert(TEST_IFINDEX, info, 0)?;
+        Ok(())
+    }
+
+    pub fn set_peer(&mut self, ip: IpAddr, identity: u32, cidr_identity: u32) -> Result<()> {
+        let key = PeerIpKey { addr: addr(ip) };
+        self.datapath.peer_ips()?.insert(key, PeerInfo { identity, cidr_identity }, 0)?;
+        Ok(())
+    }
+
+    pub fn set_cidr(&mut self, ip: IpAddr, prefix_len: u8, cidr_identity: u32) -> Result<()> {
+        let info = PeerInfo { identity: policy_common::identity::WORLD, cidr_identity };
+        self.datapath.peer_cidrs()?.insert(&cidr_key(ip, prefix_len), info, 0)?;
+        Ok(())
+    }
+
+    pub fn set_policy(&mut self, key: PolicyKey, value: PolicyValue) -> Result<()> {
+        self.datapath.policy()?.insert(key, value, 0)?;
+        Ok(())
+    }
+
+    pub fn remove_policy(&mut self, key: PolicyKey) -> Result<()> {
+        self.datapath.policy()?.remove(&key)?;
+        Ok(())
+    }
+
+    /// Bumps the endpoint's epoch, as the agent does after changing its entries.
+    pub fn bump_epoch(&mut self) -> Result<()> {
+        let mut endpoints = self.datapath.endpoints()?;
+        let mut info = endpoints.get(&TEST_IFINDEX, 0)?;
+        info.epoch += 1;
+        endpoints.insert(TEST_IFINDEX, info, 0)?;
+        Ok(())
+    }
+
+    /// Runs one frame through the program of `direction` and collects the events it wrote.
+    pub fn run(&mut self, direction: Direction, frame: &[u8]) -> Result<Run> {
+        self.events.drain(|_| {});
+        let (action, _) = self.datapath.test_run(direction, frame, TEST_IFINDEX, 1)?;
+        let events = self
+            .events
+            .drain_all()
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("undecodable flow event: {e}"))?;
+        Ok(Run { action, events })
+    }
+
+    /// Like [`Classifier::run`], keeping undecodable events as errors.
+    pub fn run_raw(&mut self, direction: Direction, frame: &[u8]) -> Result<(i32, Vec<ReadEvent>)> {
+        self.events.drain(|_| {});
+        let (action, _) = self.datapath.test_run(direction, frame, TEST_IFINDEX, 1)?;
+        Ok((action, self.events.drain_all()))
+    }
+}
+
+impl Drop for Classifier {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// A policy value allowing every port of its protocol, by `rule_id`.
+pub fn any_port(rule_id: u32) -> PolicyValue {
+    PolicyValue { any_port_rule: rule_id, ..Default::default() }
+}
+
+/// A policy value allowing the given inclusive ranges, each with its rule.
+pub fn port_ranges(ranges: &[(u16, u16, u32)]) -> PolicyValue {
+    let mut value = PolicyValue::default();
+    for (i, &(first, last, rule_id)) in ranges.iter().enumerate() {
+        value.ranges[i] = PortRule { first, last, rule_id };
+    }
+    value.range_count = ranges.len() as u32;
+    value
+}
