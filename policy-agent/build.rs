@@ -14,7 +14,9 @@ fn main() {
         .join("release")
         .join("policy-ebpf");
     println!("cargo:rerun-if-env-changed=PALISADE_BPF_OBJECT");
-    let object = env::var_os("PALISADE_BPF_OBJECT").map(PathBuf::from).unwrap_or(default_object);
+    let object = env::var_os("PALISADE_BPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or(default_object);
     println!("cargo:rerun-if-changed={}", object.display());
 
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("policy-ebpf.o");

@@ -2,3 +2,6 @@
 //! policy compiler, and the pieces the binary wires together.
 
 pub mod datapath;
+
+pub mod compile;
+pub mod model;

@@ -136,7 +136,10 @@ impl TryFrom<u8> for Direction {
         match value {
             0 => Ok(Direction::Ingress),
             1 => Ok(Direction::Egress),
-            value => Err(UnknownCode { kind: "direction", value }),
+            value => Err(UnknownCode {
+                kind: "direction",
+                value,
+            }),
         }
     }
 }
@@ -147,7 +150,10 @@ impl TryFrom<u8> for Verdict {
         match value {
             1 => Ok(Verdict::Allowed),
             2 => Ok(Verdict::Denied),
-            value => Err(UnknownCode { kind: "verdict", value }),
+            value => Err(UnknownCode {
+                kind: "verdict",
+                value,
+            }),
         }
     }
 }
@@ -172,7 +178,12 @@ impl TryFrom<u8> for Reason {
             21 => Reason::DroppedUnknownEndpoint,
             22 => Reason::DroppedUnsupportedL3,
             23 => Reason::DroppedIpv6ExtChain,
-            value => return Err(UnknownCode { kind: "reason", value }),
+            value => {
+                return Err(UnknownCode {
+                    kind: "reason",
+                    value,
+                });
+            }
         })
     }
 }

@@ -40,7 +40,7 @@ pub struct FlowEvent {
     pub family: u8,
     /// TCP flags byte, or the ICMP type for ICMP and ICMPv6.
     pub tcp_flags_or_icmp_type: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u16; 3],
 }
 
 const _: () = assert!(size_of::<FlowEvent>() == 80);
@@ -57,17 +57,26 @@ pub struct DecodedCodes {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeError {
     /// The record is not `size_of::<FlowEvent>()` bytes.
-    Length { got: usize },
+    Length {
+        got: usize,
+    },
     Code(UnknownCode),
     /// Verdict and reason disagree.
-    Inconsistent { verdict: u8, reason: u8 },
+    Inconsistent {
+        verdict: u8,
+        reason: u8,
+    },
 }
 
 impl core::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             DecodeError::Length { got } => {
-                write!(f, "flow record of {got} bytes, expected {}", size_of::<FlowEvent>())
+                write!(
+                    f,
+                    "flow record of {got} bytes, expected {}",
+                    size_of::<FlowEvent>()
+                )
             }
             DecodeError::Code(c) => write!(f, "{c}"),
             DecodeError::Inconsistent { verdict, reason } => {
@@ -101,8 +110,15 @@ impl FlowEvent {
         let verdict = Verdict::try_from(self.verdict)?;
         let reason = Reason::try_from(self.reason)?;
         if reason.verdict() != verdict {
-            return Err(DecodeError::Inconsistent { verdict: self.verdict, reason: self.reason });
+            return Err(DecodeError::Inconsistent {
+                verdict: self.verdict,
+                reason: self.reason,
+            });
         }
-        Ok(DecodedCodes { direction, verdict, reason })
+        Ok(DecodedCodes {
+            direction,
+            verdict,
+            reason,
+        })
     }
 }

@@ -26,6 +26,7 @@ pub mod names {
     pub const PROG_NOOP: &str = "palisade_noop";
 
     pub const ENDPOINTS: &str = "PALISADE_ENDPOINTS";
+    pub const EPOCHS: &str = "PALISADE_EPOCHS";
     pub const PEER_IPS: &str = "PALISADE_PEER_IPS";
     pub const PEER_CIDRS: &str = "PALISADE_PEER_CIDRS";
     pub const POLICY: &str = "PALISADE_POLICY";

@@ -49,12 +49,11 @@ pub mod proto {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointInfo {
+    /// Index into [`EPOCHS`](crate::names::EPOCHS): nonzero, below
+    /// [`capacity::ENDPOINTS`].
     pub endpoint_id: u32,
     /// The pod's own identity, reported in flow events.
     pub identity: u32,
-    /// Bumped by the agent whenever a verdict of this endpoint may change;
-    /// tracked connections with an older epoch are judged again.
-    pub epoch: u32,
     pub flags: u32,
     /// The pod's IPv4 address, valid when [`EndpointInfo::HAS_IPV4`] is set.
     pub ipv4: [u8; 4],
@@ -96,9 +95,11 @@ pub struct PeerInfo {
 ///
 /// Lookup order for a new connection, first hit wins (NetworkPolicy has only
 /// allow rules, so order only decides which rule is reported):
-///   1. `identity = peer identity`  (podSelector / namespaceSelector peers)
-///   2. `identity = peer cidr identity` (ipBlock peers), when it has one
-///   3. `identity = ANY`            (rules without peers)
+///
+/// 1. `identity` = the peer's identity (podSelector / namespaceSelector peers);
+/// 2. `identity` = the peer's cidr identity (ipBlock peers), when it has one;
+/// 3. `identity` = [`identity::ANY`] (rules without peers);
+///
 /// each with `protocol` = the packet's TCP/UDP/SCTP number or [`proto::OTHER`].
 /// The value then matches the port: `any_port_rule`, else the first range
 /// containing the destination port.
@@ -115,7 +116,13 @@ pub struct PolicyKey {
 impl PolicyKey {
     #[inline(always)]
     pub const fn new(endpoint_id: u32, identity: u32, direction: u8, protocol: u8) -> Self {
-        Self { endpoint_id, identity, direction, protocol, _pad: [0; 2] }
+        Self {
+            endpoint_id,
+            identity,
+            direction,
+            protocol,
+            _pad: [0; 2],
+        }
     }
 }
 
@@ -167,13 +174,16 @@ impl PolicyValue {
     }
 }
 
-/// Key of [`CONNTRACK`](crate::names::CONNTRACK). One entry per connection
-/// per endpoint: the local address is implied by the endpoint, so both
-/// directions of a connection find the same key without a second lookup.
+/// Key of [`CONNTRACK`](crate::names::CONNTRACK): one entry per connection
+/// per pod interface, oriented from the pod, so both directions find it with
+/// one lookup. The local address is part of the key: a packet leaving the pod
+/// with another source address can never match a tracked connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
-    pub endpoint_id: u32,
+    /// Host-side interface of the pod.
+    pub ifindex: u32,
+    pub local_addr: Addr,
     pub peer_addr: Addr,
     /// For ICMP echo: the identifier on the side that sent the request, 0 on the other.
     pub local_port: u16,
@@ -190,8 +200,10 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
     /// Rule that allowed the connection (0 when not isolated or from the node).
     pub rule_id: u32,
-    /// Endpoint epoch at the last verdict; a mismatch makes the next packet re-judge.
+    /// [`EPOCHS`](crate::names::EPOCHS) of the endpoint at the last verdict; a
+    /// mismatch makes the next packet judge the connection again.
     pub epoch: u32,
+    pub endpoint_id: u32,
     pub peer_identity: u32,
     /// [`Direction`](crate::Direction) of the packet that opened the connection.
     pub origin: u8,
@@ -199,6 +211,7 @@ pub struct CtEntry {
     pub flags: u8,
     /// [`Reason`](crate::Reason) of the verdict that opened or last re-judged it.
     pub reason: u8,
+    pub _pad: u32,
 }
 
 pub mod ct_state {
@@ -265,6 +278,7 @@ pub struct VerdictCounter {
 
 /// Map capacities, shared so the agent can report occupancy against them.
 pub mod capacity {
+    /// Endpoints per node; endpoint ids are below it.
     pub const ENDPOINTS: u32 = 4096;
     pub const PEER_IPS: u32 = 262_144;
     pub const PEER_CIDRS: u32 = 65_536;
@@ -276,14 +290,14 @@ pub mod capacity {
 }
 
 const _: () = {
-    assert!(size_of::<EndpointInfo>() == 36);
+    assert!(size_of::<EndpointInfo>() == 32);
     assert!(size_of::<PeerIpKey>() == 16);
     assert!(size_of::<PeerInfo>() == 8);
     assert!(size_of::<PolicyKey>() == 12);
     assert!(size_of::<PortRule>() == 8);
     assert!(size_of::<PolicyValue>() == 8 + 8 * MAX_PORT_RANGES);
-    assert!(size_of::<CtKey>() == 28);
-    assert!(size_of::<CtEntry>() == 24);
+    assert!(size_of::<CtKey>() == 44);
+    assert!(size_of::<CtEntry>() == 32);
     assert!(size_of::<FragKey>() == 44);
     assert!(size_of::<FragEntry>() == 8);
     assert!(size_of::<VerdictCounter>() == 16);

@@ -1,5 +1,10 @@
-//! The per-packet path: endpoint, parse, anti-spoofing, fragments, conntrack,
-//! policy, then one exit that counts, reports and returns the action.
+//! The per-packet path.
+//!
+//! Fast path: a packet of a tracked connection whose endpoint's policy has not
+//! changed costs one hash lookup (conntrack) and two array lookups (epoch,
+//! counter). Everything else takes the slow path: endpoint, anti-spoofing,
+//! fragments, related ICMP, re-judging, policy, then one exit that counts,
+//! reports and returns the action.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -12,7 +17,8 @@ use policy_common::{
 };
 
 use crate::{
-    conntrack::{Update, is_expired, is_tcp_open, key_for, opening_dport, track},
+    addr,
+    conntrack::{Update, current_epoch, is_expired, is_tcp_open, key_for, opening_dport, track},
     maps::{CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH},
     parse::{Fragment, IcmpKind, Packet, Parsed, Tuple, parse},
     policy::{judge, resolve_peer},
@@ -21,7 +27,7 @@ use crate::{
 
 /// Pass, letting the next TCX program or the stack have the packet.
 pub const PASS: i32 = TC_ACT_UNSPEC;
-pub const DROP: i32 = TC_ACT_SHOT as i32;
+pub const DROP: i32 = TC_ACT_SHOT;
 
 /// Headers the parser may need in the linear part of the skb.
 const PULL_LEN: u32 = 128;
@@ -37,7 +43,15 @@ struct Outcome {
 impl Outcome {
     #[inline(always)]
     const fn dropped(reason: Reason) -> Self {
-        Outcome { reason, rule_id: 0, peer: PeerInfo { identity: 0, cidr_identity: 0 }, report: true }
+        Outcome {
+            reason,
+            rule_id: 0,
+            peer: PeerInfo {
+                identity: 0,
+                cidr_identity: 0,
+            },
+            report: true,
+        }
     }
 
     #[inline(always)]
@@ -45,7 +59,10 @@ impl Outcome {
         Outcome {
             reason,
             rule_id,
-            peer: PeerInfo { identity: peer_identity, cidr_identity: 0 },
+            peer: PeerInfo {
+                identity: peer_identity,
+                cidr_identity: 0,
+            },
             report: false,
         }
     }
@@ -55,36 +72,90 @@ impl Outcome {
 pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
     let len = ctx.len();
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
-        return drop_unparsed(ifindex, 0, direction, len, Reason::DroppedUnknownEndpoint);
-    };
     pull_headers(ctx, len);
     let Some(packet) = SCRATCH.get_ptr_mut(0) else {
         return DROP;
     };
     let packet = unsafe { &mut *packet };
-    match parse(ctx, packet) {
+    let parsed = parse(ctx, packet);
+
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let mut tracked = None;
+    if let Parsed::Ip = parsed
+        && !matches!(packet.fragment, Fragment::Later { .. })
+        && packet.icmp != IcmpKind::Error
+        && !is_tcp_open(packet.tuple.protocol, packet.flags_or_type)
+    {
+        let key = key_for(ifindex, &packet.tuple, direction);
+        if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
+            let entry = unsafe { &mut *entry };
+            if !is_expired(entry, key.protocol, now) {
+                if entry.epoch == current_epoch(entry.endpoint_id)
+                    && entry.state != ct_state::REVOKED
+                {
+                    if let Update::Remove =
+                        track(entry, direction, key.protocol, packet.flags_or_type, now)
+                    {
+                        let _ = CONNTRACK.remove(&key);
+                    }
+                    count(Reason::AllowedEstablished, len);
+                    return PASS;
+                }
+                tracked = Some((key, entry));
+            }
+        }
+    }
+
+    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
+        return drop_unparsed(ifindex, 0, direction, len, Reason::DroppedUnknownEndpoint);
+    };
+    match parsed {
         Parsed::Ip => {}
         Parsed::Control => {
             count(Reason::AllowedControl, len);
             return PASS;
         }
         Parsed::Malformed => {
-            return drop_unparsed(ifindex, ep.endpoint_id, direction, len, Reason::DroppedMalformed);
+            return drop_unparsed(
+                ifindex,
+                ep.endpoint_id,
+                direction,
+                len,
+                Reason::DroppedMalformed,
+            );
         }
         Parsed::UnsupportedL3 => {
-            return drop_unparsed(ifindex, ep.endpoint_id, direction, len, Reason::DroppedUnsupportedL3);
+            return drop_unparsed(
+                ifindex,
+                ep.endpoint_id,
+                direction,
+                len,
+                Reason::DroppedUnsupportedL3,
+            );
         }
         Parsed::Ipv6ExtChain => {
-            return drop_unparsed(ifindex, ep.endpoint_id, direction, len, Reason::DroppedIpv6ExtChain);
+            return drop_unparsed(
+                ifindex,
+                ep.endpoint_id,
+                direction,
+                len,
+                Reason::DroppedIpv6ExtChain,
+            );
         }
     }
-    let outcome = decide(ep, direction, packet);
+    let outcome = match tracked {
+        Some((key, entry)) => rejudge(ep, direction, &key, entry, packet.flags_or_type, now),
+        None => decide(ifindex, ep, direction, packet, now),
+    };
     let tuple = &packet.tuple;
     let allowed = outcome.reason.verdict() == Verdict::Allowed;
     if allowed && let Fragment::First { id } = packet.fragment {
         let key = frag_key(ep.endpoint_id, id, tuple, direction);
-        let entry = FragEntry { src_port: tuple.sport, dst_port: tuple.dport, rule_id: outcome.rule_id };
+        let entry = FragEntry {
+            src_port: tuple.sport,
+            dst_port: tuple.dport,
+            rule_id: outcome.rule_id,
+        };
         let _ = FRAGMENTS.insert(&key, &entry, 0);
     }
     count(outcome.reason, len);
@@ -106,41 +177,36 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
     if allowed { PASS } else { DROP }
 }
 
+/// A packet no fast-path entry explains.
 #[inline(always)]
-fn decide(ep: &EndpointInfo, direction: Direction, packet: &mut Packet) -> Outcome {
+fn decide(
+    ifindex: u32,
+    ep: &EndpointInfo,
+    direction: Direction,
+    packet: &mut Packet,
+    now: u64,
+) -> Outcome {
     if direction == Direction::Egress && !owns_source(ep, packet) {
         return Outcome::dropped(Reason::DroppedSpoofedSource);
     }
     if let Fragment::Later { id, last } = packet.fragment {
         return later_fragment(ep, direction, &mut packet.tuple, id, last);
     }
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if packet.icmp == IcmpKind::Error && packet.has_inner {
         // The quoted packet travelled the other way.
-        let inner = &packet.inner;
-        let key = key_for(ep.endpoint_id, inner, reverse(direction));
+        let key = key_for(ifindex, &packet.inner, reverse(direction));
         if let Some(entry) = unsafe { CONNTRACK.get(&key) }
             && entry.state != ct_state::REVOKED
-            && !is_expired(entry, inner.protocol, now)
+            && !is_expired(entry, key.protocol, now)
         {
             return Outcome::quiet(Reason::AllowedRelated, entry.rule_id, entry.peer_identity);
         }
     }
 
+    // A new connection, or a packet that no tracked connection explains.
     let tuple = &packet.tuple;
     let protocol = tuple.protocol;
     let opens_tcp = is_tcp_open(protocol, packet.flags_or_type);
-    let key = key_for(ep.endpoint_id, tuple, direction);
-    if !opens_tcp
-        && let Some(entry) = CONNTRACK.get_ptr_mut(&key)
-    {
-        let entry = unsafe { &mut *entry };
-        if !is_expired(entry, protocol, now) {
-            return established(ep, direction, &key, entry, packet.flags_or_type, now);
-        }
-    }
-
-    // A new connection, or a packet that no tracked connection explains.
     let peer = resolve_peer(peer_addr(tuple, direction));
     let judgement = judge(ep, direction, &peer, protocol, tuple.dport);
     let opens = match protocol {
@@ -155,22 +221,30 @@ fn decide(ep: &EndpointInfo, direction: Direction, packet: &mut Packet) -> Outco
         let entry = CtEntry {
             last_seen_ns: now,
             rule_id: judgement.rule_id,
-            epoch: ep.epoch,
+            epoch: current_epoch(ep.endpoint_id),
+            endpoint_id: ep.endpoint_id,
             peer_identity: peer.identity,
             origin: direction as u8,
             state: ct_state::OPEN,
             flags: 0,
             reason: judgement.reason as u8,
+            _pad: 0,
         };
-        let _ = CONNTRACK.insert(&key, &entry, 0);
+        let _ = CONNTRACK.insert(&key_for(ifindex, tuple, direction), &entry, 0);
     }
-    Outcome { reason: judgement.reason, rule_id: judgement.rule_id, peer, report: true }
+    Outcome {
+        reason: judgement.reason,
+        rule_id: judgement.rule_id,
+        peer,
+        report: true,
+    }
 }
 
-/// A packet of a tracked connection. When the endpoint's policy changed since
-/// the connection was last judged, it is judged again as it was opened.
+/// A tracked connection judged under an older epoch, or revoked. It is judged
+/// again as it was opened; a denied one stays revoked (both directions drop)
+/// until a later change allows it or a new SYN is judged.
 #[inline(always)]
-fn established(
+fn rejudge(
     ep: &EndpointInfo,
     direction: Direction,
     key: &CtKey,
@@ -178,15 +252,23 @@ fn established(
     tcp_flags: u8,
     now: u64,
 ) -> Outcome {
-    if entry.epoch != ep.epoch {
+    let epoch = current_epoch(ep.endpoint_id);
+    if entry.epoch != epoch {
         let origin = if entry.origin == Direction::Egress as u8 {
             Direction::Egress
         } else {
             Direction::Ingress
         };
         let peer = resolve_peer(&key.peer_addr);
-        let judgement = judge(ep, origin, &peer, key.protocol, opening_dport(key, entry.origin));
-        entry.epoch = ep.epoch;
+        let judgement = judge(
+            ep,
+            origin,
+            &peer,
+            key.protocol,
+            opening_dport(key, entry.origin),
+        );
+        entry.epoch = epoch;
+        entry.endpoint_id = ep.endpoint_id;
         entry.peer_identity = peer.identity;
         entry.rule_id = judgement.rule_id;
         entry.reason = judgement.reason as u8;
@@ -204,12 +286,22 @@ fn established(
     if let Update::Remove = track(entry, direction, key.protocol, tcp_flags, now) {
         let _ = CONNTRACK.remove(key);
     }
-    Outcome::quiet(Reason::AllowedEstablished, entry.rule_id, entry.peer_identity)
+    Outcome::quiet(
+        Reason::AllowedEstablished,
+        entry.rule_id,
+        entry.peer_identity,
+    )
 }
 
 /// A fragment without transport header: it follows its first fragment.
 #[inline(always)]
-fn later_fragment(ep: &EndpointInfo, direction: Direction, tuple: &mut Tuple, id: u32, last: bool) -> Outcome {
+fn later_fragment(
+    ep: &EndpointInfo,
+    direction: Direction,
+    tuple: &mut Tuple,
+    id: u32,
+    last: bool,
+) -> Outcome {
     let key = frag_key(ep.endpoint_id, id, tuple, direction);
     match unsafe { FRAGMENTS.get(&key) } {
         Some(first) => {
@@ -227,20 +319,29 @@ fn later_fragment(ep: &EndpointInfo, direction: Direction, tuple: &mut Tuple, id
 
 #[inline(always)]
 fn frag_key(endpoint_id: u32, id: u32, tuple: &Tuple, direction: Direction) -> FragKey {
-    FragKey {
+    let mut key = FragKey {
         endpoint_id,
         id,
-        src: tuple.src,
-        dst: tuple.dst,
+        src: [0; 16],
+        dst: [0; 16],
         protocol: tuple.protocol,
         direction: direction as u8,
         _pad: [0; 2],
-    }
+    };
+    addr::copy(&mut key.src, &tuple.src);
+    addr::copy(&mut key.dst, &tuple.dst);
+    key
 }
 
 /// Reports a packet dropped before its headers could be read.
 #[inline(always)]
-fn drop_unparsed(ifindex: u32, endpoint_id: u32, direction: Direction, len: u32, reason: Reason) -> i32 {
+fn drop_unparsed(
+    ifindex: u32,
+    endpoint_id: u32,
+    direction: Direction,
+    len: u32,
+    reason: Reason,
+) -> i32 {
     count(reason, len);
     let info = EventInfo {
         ifindex,
@@ -271,21 +372,11 @@ fn owns_source(ep: &EndpointInfo, packet: &Packet) -> bool {
     let src = &packet.tuple.src;
     if packet.family == 4 {
         ep.flags & EndpointInfo::HAS_IPV4 != 0
-            && u32::from_ne_bytes([src[12], src[13], src[14], src[15]]) == u32::from_ne_bytes(ep.ipv4)
+            && u32::from_ne_bytes([src[12], src[13], src[14], src[15]])
+                == u32::from_ne_bytes(ep.ipv4)
     } else {
-        ep.flags & EndpointInfo::HAS_IPV6 != 0 && addr_eq(src, &ep.ipv6)
+        ep.flags & EndpointInfo::HAS_IPV6 != 0 && addr::eq(src, &ep.ipv6)
     }
-}
-
-#[inline(always)]
-fn addr_eq(a: &Addr, b: &Addr) -> bool {
-    let mut diff = 0u8;
-    let mut i = 0;
-    while i < 16 {
-        diff |= a[i] ^ b[i];
-        i += 1;
-    }
-    diff == 0
 }
 
 #[inline(always)]

@@ -3,35 +3,50 @@
 
 use policy_common::{CtEntry, CtKey, Direction, ct_flags, ct_state, ct_timeout, proto};
 
-use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple};
+use crate::{
+    addr,
+    maps::EPOCHS,
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple},
+};
 
-/// The key of `tuple` crossing the endpoint's boundary in `direction`.
+/// The key of `tuple` crossing pod interface `ifindex` in `direction`.
 #[inline(always)]
-pub fn key_for(endpoint_id: u32, tuple: &Tuple, direction: Direction) -> CtKey {
-    match direction {
-        Direction::Egress => CtKey {
-            endpoint_id,
-            peer_addr: tuple.dst,
-            local_port: tuple.sport,
-            peer_port: tuple.dport,
-            protocol: tuple.protocol,
-            _pad: [0; 3],
-        },
-        Direction::Ingress => CtKey {
-            endpoint_id,
-            peer_addr: tuple.src,
-            local_port: tuple.dport,
-            peer_port: tuple.sport,
-            protocol: tuple.protocol,
-            _pad: [0; 3],
-        },
+pub fn key_for(ifindex: u32, tuple: &Tuple, direction: Direction) -> CtKey {
+    let (local, peer, local_port, peer_port) = match direction {
+        Direction::Egress => (&tuple.src, &tuple.dst, tuple.sport, tuple.dport),
+        Direction::Ingress => (&tuple.dst, &tuple.src, tuple.dport, tuple.sport),
+    };
+    let mut key = CtKey {
+        ifindex,
+        local_addr: [0; 16],
+        peer_addr: [0; 16],
+        local_port,
+        peer_port,
+        protocol: tuple.protocol,
+        _pad: [0; 3],
+    };
+    addr::copy(&mut key.local_addr, local);
+    addr::copy(&mut key.peer_addr, peer);
+    key
+}
+
+/// The current policy epoch of an endpoint, 0 when it is gone.
+#[inline(always)]
+pub fn current_epoch(endpoint_id: u32) -> u32 {
+    match EPOCHS.get(endpoint_id) {
+        Some(epoch) => *epoch,
+        None => 0,
     }
 }
 
 /// The destination port of the packet that opened the connection.
 #[inline(always)]
 pub fn opening_dport(key: &CtKey, origin: u8) -> u16 {
-    if origin == Direction::Egress as u8 { key.peer_port } else { key.local_port }
+    if origin == Direction::Egress as u8 {
+        key.peer_port
+    } else {
+        key.local_port
+    }
 }
 
 #[inline(always)]
@@ -69,7 +84,13 @@ pub enum Update {
 /// Writes only when something changed, to keep established packets from
 /// dirtying the shared entry.
 #[inline(always)]
-pub fn track(entry: &mut CtEntry, direction: Direction, protocol: u8, tcp_flags: u8, now: u64) -> Update {
+pub fn track(
+    entry: &mut CtEntry,
+    direction: Direction,
+    protocol: u8,
+    tcp_flags: u8,
+    now: u64,
+) -> Update {
     let from_origin = entry.origin == direction as u8;
     let mut flags = entry.flags;
     if !from_origin {
@@ -80,7 +101,11 @@ pub fn track(entry: &mut CtEntry, direction: Direction, protocol: u8, tcp_flags:
             return Update::Remove;
         }
         if tcp_flags & TCP_FIN != 0 {
-            flags |= if from_origin { ct_flags::FIN_FROM_ORIGIN } else { ct_flags::FIN_FROM_REPLY };
+            flags |= if from_origin {
+                ct_flags::FIN_FROM_ORIGIN
+            } else {
+                ct_flags::FIN_FROM_REPLY
+            };
             if flags & (ct_flags::FIN_FROM_ORIGIN | ct_flags::FIN_FROM_REPLY)
                 == ct_flags::FIN_FROM_ORIGIN | ct_flags::FIN_FROM_REPLY
             {

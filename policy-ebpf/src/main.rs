@@ -5,7 +5,12 @@
 //! ([`classify`]) with the direction fixed at compile time.
 #![no_std]
 #![no_main]
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys are passed by reference so they are not copied again"
+)]
 
+mod addr;
 mod classify;
 mod conntrack;
 mod maps;

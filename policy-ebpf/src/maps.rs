@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use policy_common::{
-    CtEntry, CtKey, EndpointInfo, FragEntry, FragKey, PeerCidrData, PeerInfo, PeerIpKey,
-    PolicyKey, PolicyValue, Reason, VerdictCounter, capacity,
+    CtEntry, CtKey, EndpointInfo, FragEntry, FragKey, PeerCidrData, PeerInfo, PeerIpKey, PolicyKey,
+    PolicyValue, Reason, VerdictCounter, capacity,
 };
 
 /// Hash maps that are written rarely and can be large allocate on update.
@@ -17,14 +17,19 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map(name = "PALISADE_ENDPOINTS")]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
+/// Endpoint id -> policy epoch. The agent bumps an endpoint's epoch whenever
+/// a verdict of it may change; 0 means the endpoint is gone. An array, so an
+/// established packet checks it without a hash lookup.
+#[map(name = "PALISADE_EPOCHS")]
+pub static EPOCHS: Array<u32> = Array::pinned(capacity::ENDPOINTS, 0);
+
 /// Exact addresses of pods and of the node.
 #[map(name = "PALISADE_PEER_IPS")]
 pub static PEER_IPS: HashMap<PeerIpKey, PeerInfo> = HashMap::pinned(capacity::PEER_IPS, 0);
 
 /// ipBlock prefixes, longest match (LPM tries are always allocated on update).
 #[map(name = "PALISADE_PEER_CIDRS")]
-pub static PEER_CIDRS: LpmTrie<PeerCidrData, PeerInfo> =
-    LpmTrie::pinned(capacity::PEER_CIDRS, 0);
+pub static PEER_CIDRS: LpmTrie<PeerCidrData, PeerInfo> = LpmTrie::pinned(capacity::PEER_CIDRS, 0);
 
 #[map(name = "PALISADE_POLICY")]
 pub static POLICY: HashMap<PolicyKey, PolicyValue> =

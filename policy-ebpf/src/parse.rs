@@ -168,7 +168,7 @@ fn parse_ipv4(ctx: &TcContext, off: usize, packet: &mut Packet) -> Parsed {
     let frags = u16::from_be_bytes(ip.frags);
     let more = frags & 0x2000 != 0;
     let offset = frags & 0x1fff;
-    let id = u16::from_be_bytes(ip.id) as u32;
+    let id = u32::from(u16::from_be_bytes(ip.id));
     packet.fragment = if offset != 0 {
         Fragment::Later { id, last: !more }
     } else if more {
@@ -241,13 +241,21 @@ fn parse_ipv6(ctx: &TcContext, off: usize, packet: &mut Packet) -> Parsed {
             }
             _ => break,
         }
-        // Bounds the offset for the verifier; a chain this long is malformed anyway.
+        if l4 > ctx.len() as usize {
+            return Parsed::Malformed;
+        }
+        // Bounds the offset for the verifier; no sane chain is this long.
         if l4 > 1024 {
             return Parsed::Ipv6ExtChain;
         }
         walked += 1;
     }
-    if walked == MAX_IPV6_EXT_HEADERS {
+    if walked == MAX_IPV6_EXT_HEADERS
+        && matches!(
+            next,
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
+        )
+    {
         return Parsed::Ipv6ExtChain;
     }
     packet.tuple.protocol = next;
@@ -280,8 +288,16 @@ fn finish_l4(ctx: &TcContext, bytes: &impl Bytes, l4: usize, packet: &mut Packet
             packet.tuple.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
             packet.flags_or_type = hdr[13];
         }
-        proto::UDP | proto::SCTP => {
+        proto::UDP => {
             let Some(hdr) = bytes.get::<[u8; 8]>(l4) else {
+                return Parsed::Malformed;
+            };
+            packet.tuple.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+            packet.tuple.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+        }
+        proto::SCTP => {
+            // The common header: ports, verification tag, checksum.
+            let Some(hdr) = bytes.get::<[u8; 12]>(l4) else {
                 return Parsed::Malformed;
             };
             packet.tuple.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
@@ -371,7 +387,11 @@ fn quoted_tuple(ctx: &TcContext, family: u8, off: usize, tuple: &mut Tuple) -> b
         }
         proto::ICMP | proto::ICMPV6 => {
             // Only an echo request opens a tracked ICMP flow.
-            let request = if tuple.protocol == proto::ICMP { 8 } else { 128 };
+            let request = if tuple.protocol == proto::ICMP {
+                8
+            } else {
+                128
+            };
             if hdr[0] != request {
                 return false;
             }

@@ -2,22 +2,35 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
-    Addr, Direction, EndpointInfo, PeerInfo, PeerIpKey, Reason, identity, verdict::allowing_rule,
+    Addr, Direction, EndpointInfo, PeerInfo, Reason, identity, verdict::allowing_rule,
 };
 
-use crate::maps::{PEER_CIDRS, PEER_IPS, POLICY};
+use crate::{
+    addr::{self, LpmKey},
+    maps::{PEER_CIDRS, PEER_IPS, POLICY},
+};
 
 /// Pods and the node by exact address, then ipBlock prefixes, else the world.
 #[inline(always)]
 pub fn resolve_peer(addr: &Addr) -> PeerInfo {
-    if let Some(info) = unsafe { PEER_IPS.get(&PeerIpKey { addr: *addr }) } {
+    if let Some(info) = unsafe { PEER_IPS.get(addr::as_peer_key(addr)) } {
         return *info;
     }
-    let cidr_identity = match PEER_CIDRS.get(&Key::new(128, *addr)) {
+    let mut key = LpmKey {
+        prefix_len: 128,
+        data: [0; 16],
+    };
+    addr::copy(&mut key.data, addr);
+    // SAFETY: LpmKey has the layout of aya's packed Key<Addr> (alignment 1).
+    let key = unsafe { &*(&key as *const LpmKey).cast::<Key<Addr>>() };
+    let cidr_identity = match PEER_CIDRS.get(key) {
         Some(info) => info.cidr_identity,
         None => identity::ANY,
     };
-    PeerInfo { identity: identity::WORLD, cidr_identity }
+    PeerInfo {
+        identity: identity::WORLD,
+        cidr_identity,
+    }
 }
 
 pub struct Judgement {
@@ -37,18 +50,37 @@ pub fn judge(
     let isolated = match direction {
         Direction::Ingress => {
             if peer.identity == identity::HOST {
-                return Judgement { reason: Reason::AllowedFromNode, rule_id: 0 };
+                return Judgement {
+                    reason: Reason::AllowedFromNode,
+                    rule_id: 0,
+                };
             }
             EndpointInfo::INGRESS_ISOLATED
         }
         Direction::Egress => EndpointInfo::EGRESS_ISOLATED,
     };
     if ep.flags & isolated == 0 {
-        return Judgement { reason: Reason::AllowedNotIsolated, rule_id: 0 };
+        return Judgement {
+            reason: Reason::AllowedNotIsolated,
+            rule_id: 0,
+        };
     }
     let lookup = |key: &_| unsafe { POLICY.get(key) };
-    match allowing_rule(lookup, ep.endpoint_id, direction as u8, peer, protocol, dport) {
-        Some(rule_id) => Judgement { reason: Reason::AllowedByPolicy, rule_id },
-        None => Judgement { reason: Reason::DeniedByPolicy, rule_id: 0 },
+    match allowing_rule(
+        lookup,
+        ep.endpoint_id,
+        direction as u8,
+        peer,
+        protocol,
+        dport,
+    ) {
+        Some(rule_id) => Judgement {
+            reason: Reason::AllowedByPolicy,
+            rule_id,
+        },
+        None => Judgement {
+            reason: Reason::DeniedByPolicy,
+            rule_id: 0,
+        },
     }
 }

@@ -4,6 +4,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use policy_common::{FlowEvent, Reason};
 
 use crate::{
+    addr,
     maps::{EVENTS_LOST, FLOW_EVENTS, VERDICT_STATS},
     parse::Tuple,
 };
@@ -13,7 +14,7 @@ pub fn count(reason: Reason, len: u32) {
     if let Some(counter) = VERDICT_STATS.get_ptr_mut(reason as u32) {
         let counter = unsafe { &mut *counter };
         counter.packets += 1;
-        counter.bytes += len as u64;
+        counter.bytes += u64::from(len);
     }
 }
 
@@ -46,15 +47,15 @@ pub fn emit(tuple: Option<&Tuple>, info: &EventInfo) {
         (*ev).timestamp_ns = bpf_ktime_get_ns();
         match tuple {
             Some(tuple) => {
-                (*ev).src_addr = tuple.src;
-                (*ev).dst_addr = tuple.dst;
+                addr::copy(&mut (*ev).src_addr, &tuple.src);
+                addr::copy(&mut (*ev).dst_addr, &tuple.dst);
                 (*ev).src_port = tuple.sport;
                 (*ev).dst_port = tuple.dport;
                 (*ev).protocol = tuple.protocol;
             }
             None => {
-                (*ev).src_addr = [0; 16];
-                (*ev).dst_addr = [0; 16];
+                addr::zero(&mut (*ev).src_addr);
+                addr::zero(&mut (*ev).dst_addr);
                 (*ev).src_port = 0;
                 (*ev).dst_port = 0;
                 (*ev).protocol = 0;
@@ -71,7 +72,7 @@ pub fn emit(tuple: Option<&Tuple>, info: &EventInfo) {
         (*ev).reason = info.reason as u8;
         (*ev).family = info.family;
         (*ev).tcp_flags_or_icmp_type = info.flags_or_type;
-        (*ev)._pad = [0; 6];
+        (*ev)._pad = [0; 3];
     }
     entry.submit(0);
 }

@@ -67,24 +67,44 @@ impl Classifier {
         let _ = std::fs::remove_dir_all(&pin_dir);
         let mut datapath = Datapath::load(&pin_dir).context("loading the classifier")?;
         let events = FlowReader::take(&mut datapath)?;
-        Ok(Self { datapath, events, pin_dir })
+        Ok(Self {
+            datapath,
+            events,
+            pin_dir,
+        })
     }
 
-    /// Registers the endpoint behind [`TEST_IFINDEX`].
+    /// Registers the endpoint behind [`TEST_IFINDEX`], at epoch 1 unless it has one.
     pub fn set_endpoint(&mut self, info: EndpointInfo) -> Result<()> {
+        let mut epochs = self.datapath.epochs()?;
+        if epochs.get(&info.endpoint_id, 0)? == 0 {
+            epochs.set(info.endpoint_id, 1, 0)?;
+        }
         self.datapath.endpoints()?.insert(TEST_IFINDEX, info, 0)?;
         Ok(())
     }
 
     pub fn set_peer(&mut self, ip: IpAddr, identity: u32, cidr_identity: u32) -> Result<()> {
         let key = PeerIpKey { addr: addr(ip) };
-        self.datapath.peer_ips()?.insert(key, PeerInfo { identity, cidr_identity }, 0)?;
+        self.datapath.peer_ips()?.insert(
+            key,
+            PeerInfo {
+                identity,
+                cidr_identity,
+            },
+            0,
+        )?;
         Ok(())
     }
 
     pub fn set_cidr(&mut self, ip: IpAddr, prefix_len: u8, cidr_identity: u32) -> Result<()> {
-        let info = PeerInfo { identity: policy_common::identity::WORLD, cidr_identity };
-        self.datapath.peer_cidrs()?.insert(&cidr_key(ip, prefix_len), info, 0)?;
+        let info = PeerInfo {
+            identity: policy_common::identity::WORLD,
+            cidr_identity,
+        };
+        self.datapath
+            .peer_cidrs()?
+            .insert(&cidr_key(ip, prefix_len), info, 0)?;
         Ok(())
     }
 
@@ -100,10 +120,14 @@ impl Classifier {
 
     /// Bumps the endpoint's epoch, as the agent does after changing its entries.
     pub fn bump_epoch(&mut self) -> Result<()> {
-        let mut endpoints = self.datapath.endpoints()?;
-        let mut info = endpoints.get(&TEST_IFINDEX, 0)?;
-        info.epoch += 1;
-        endpoints.insert(TEST_IFINDEX, info, 0)?;
+        let endpoint_id = self
+            .datapath
+            .endpoints()?
+            .get(&TEST_IFINDEX, 0)?
+            .endpoint_id;
+        let mut epochs = self.datapath.epochs()?;
+        let epoch = epochs.get(&endpoint_id, 0)?;
+        epochs.set(endpoint_id, epoch + 1, 0)?;
         Ok(())
     }
 
@@ -136,14 +160,21 @@ impl Drop for Classifier {
 
 /// A policy value allowing every port of its protocol, by `rule_id`.
 pub fn any_port(rule_id: u32) -> PolicyValue {
-    PolicyValue { any_port_rule: rule_id, ..Default::default() }
+    PolicyValue {
+        any_port_rule: rule_id,
+        ..Default::default()
+    }
 }
 
 /// A policy value allowing the given inclusive ranges, each with its rule.
 pub fn port_ranges(ranges: &[(u16, u16, u32)]) -> PolicyValue {
     let mut value = PolicyValue::default();
     for (i, &(first, last, rule_id)) in ranges.iter().enumerate() {
-        value.ranges[i] = PortRule { first, last, rule_id };
+        value.ranges[i] = PortRule {
+            first,
+            last,
+            rule_id,
+        };
     }
     value.range_count = ranges.len() as u32;
     value

@@ -1,2 +1,6 @@
 //! Helpers for Palisade's end-to-end tests: packet crafting for
 //! BPF_PROG_TEST_RUN and network-namespace topologies with real sockets.
+
+pub mod fixture;
+pub mod netns;
+pub mod packet;

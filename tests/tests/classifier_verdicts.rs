@@ -56,14 +56,14 @@ fn ingress_key(identity: u32, protocol: u8) -> PolicyKey {
 /// isolation as given.
 fn classifier(egress_isolated: bool) -> Classifier {
     let mut c = Classifier::load().expect("load classifier");
-    let mut flags = EndpointInfo::INGRESS_ISOLATED | EndpointInfo::HAS_IPV4 | EndpointInfo::HAS_IPV6;
+    let mut flags =
+        EndpointInfo::INGRESS_ISOLATED | EndpointInfo::HAS_IPV4 | EndpointInfo::HAS_IPV6;
     if egress_isolated {
         flags |= EndpointInfo::EGRESS_ISOLATED;
     }
     c.set_endpoint(EndpointInfo {
         endpoint_id: EP,
         identity: LOCAL_ID,
-        epoch: 1,
         flags,
         ipv4: LOCAL.octets(),
         ipv6: LOCAL6.octets(),
@@ -79,23 +79,41 @@ fn classifier(egress_isolated: bool) -> Classifier {
     ] {
         c.set_peer(ip, id, identity::ANY).unwrap();
     }
-    c.set_peer(IpAddr::V4(NODE), identity::HOST, identity::ANY).unwrap();
-    c.set_cidr(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)), 24, BLOCK_ID).unwrap();
-    c.set_cidr(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 128)), 25, EXCEPT_ID).unwrap();
-    c.set_cidr(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0)), 32, BLOCK6_ID).unwrap();
+    c.set_peer(IpAddr::V4(NODE), identity::HOST, identity::ANY)
+        .unwrap();
+    c.set_cidr(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)), 24, BLOCK_ID)
+        .unwrap();
+    c.set_cidr(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 128)), 25, EXCEPT_ID)
+        .unwrap();
+    c.set_cidr(
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0)),
+        32,
+        BLOCK6_ID,
+    )
+    .unwrap();
 
     c.set_policy(
         ingress_key(A_ID, proto::TCP),
         port_ranges(&[(80, 80, RULE_A_80), (8000, 8100, RULE_A_RANGE)]),
     )
     .unwrap();
-    c.set_policy(ingress_key(A_ID, proto::SCTP), port_ranges(&[(9000, 9000, RULE_A_SCTP)])).unwrap();
-    c.set_policy(ingress_key(identity::ANY, proto::UDP), port_ranges(&[(53, 53, RULE_ANY_DNS)]))
+    c.set_policy(
+        ingress_key(A_ID, proto::SCTP),
+        port_ranges(&[(9000, 9000, RULE_A_SCTP)]),
+    )
+    .unwrap();
+    c.set_policy(
+        ingress_key(identity::ANY, proto::UDP),
+        port_ranges(&[(53, 53, RULE_ANY_DNS)]),
+    )
+    .unwrap();
+    c.set_policy(ingress_key(BLOCK_ID, proto::TCP), any_port(RULE_BLOCK))
         .unwrap();
-    c.set_policy(ingress_key(BLOCK_ID, proto::TCP), any_port(RULE_BLOCK)).unwrap();
-    c.set_policy(ingress_key(BLOCK6_ID, proto::TCP), any_port(RULE_BLOCK6)).unwrap();
+    c.set_policy(ingress_key(BLOCK6_ID, proto::TCP), any_port(RULE_BLOCK6))
+        .unwrap();
     for p in [proto::TCP, proto::UDP, proto::SCTP, proto::OTHER] {
-        c.set_policy(ingress_key(C_ID, p), any_port(RULE_C_ALL)).unwrap();
+        c.set_policy(ingress_key(C_ID, p), any_port(RULE_C_ALL))
+            .unwrap();
     }
     c
 }
@@ -129,16 +147,23 @@ fn expect_quiet_pass(run: &Run) {
 #[test]
 fn identity_rule_allows_only_its_peer_and_ports() {
     let mut c = classifier(false);
-    let run = c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN)).unwrap();
+    let run = c
+        .run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN))
+        .unwrap();
     expect_allowed(&run, Reason::AllowedByPolicy, RULE_A_80, A_ID);
     let (event, codes) = &run.events[0];
     assert_eq!(codes.direction, Ingress);
-    assert_eq!((event.src_port, event.dst_port, event.protocol), (40000, 80, proto::TCP));
+    assert_eq!(
+        (event.src_port, event.dst_port, event.protocol),
+        (40000, 80, proto::TCP)
+    );
     assert_eq!(&event.src_addr[12..], &A.octets());
     assert_eq!(&event.dst_addr[12..], &LOCAL.octets());
     assert_eq!(event.family, 4);
 
-    let run = c.run(Ingress, &packet::tcp4(B, 40000, LOCAL, 80, SYN)).unwrap();
+    let run = c
+        .run(Ingress, &packet::tcp4(B, 40000, LOCAL, 80, SYN))
+        .unwrap();
     expect_dropped(&run, Reason::DeniedByPolicy);
     assert_eq!(run.events[0].0.peer_identity, B_ID);
 }
@@ -156,7 +181,9 @@ fn port_range_edges() {
         (8100, Some(RULE_A_RANGE)),
         (8101, None),
     ] {
-        let run = c.run(Ingress, &packet::tcp4(A, 40000 + dport, LOCAL, dport, SYN)).unwrap();
+        let run = c
+            .run(Ingress, &packet::tcp4(A, 40000 + dport, LOCAL, dport, SYN))
+            .unwrap();
         match allowed_by {
             Some(rule) => expect_allowed(&run, Reason::AllowedByPolicy, rule, A_ID),
             None => expect_dropped(&run, Reason::DeniedByPolicy),
@@ -170,18 +197,41 @@ fn any_identity_rule_and_protocol_mismatch() {
     // UDP 53 from anyone (ANY identity), including a pod without rules and the world.
     let run = c.run(Ingress, &packet::udp4(B, 5000, LOCAL, 53)).unwrap();
     expect_allowed(&run, Reason::AllowedByPolicy, RULE_ANY_DNS, B_ID);
-    let run = c.run(Ingress, &packet::udp4(EXT_OUTSIDE, 5000, LOCAL, 53)).unwrap();
+    let run = c
+        .run(Ingress, &packet::udp4(EXT_OUTSIDE, 5000, LOCAL, 53))
+        .unwrap();
     expect_allowed(&run, Reason::AllowedByPolicy, RULE_ANY_DNS, identity::WORLD);
     // Same port, other protocol: TCP 53 has no rule.
-    expect_dropped(&c.run(Ingress, &packet::tcp4(B, 5000, LOCAL, 53, SYN)).unwrap(), Reason::DeniedByPolicy);
+    expect_dropped(
+        &c.run(Ingress, &packet::tcp4(B, 5000, LOCAL, 53, SYN))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
     // A's TCP 80 rule does not open UDP 80.
-    expect_dropped(&c.run(Ingress, &packet::udp4(A, 5000, LOCAL, 80)).unwrap(), Reason::DeniedByPolicy);
+    expect_dropped(
+        &c.run(Ingress, &packet::udp4(A, 5000, LOCAL, 80)).unwrap(),
+        Reason::DeniedByPolicy,
+    );
     // SCTP 9000 for A, not TCP 9000.
-    let run = c.run(Ingress, &packet::sctp4(A, 5000, LOCAL, 9000)).unwrap();
+    let run = c
+        .run(Ingress, &packet::sctp4(A, 5000, LOCAL, 9000))
+        .unwrap();
     expect_allowed(&run, Reason::AllowedByPolicy, RULE_A_SCTP, A_ID);
-    expect_dropped(&c.run(Ingress, &packet::tcp4(A, 5000, LOCAL, 9000, SYN)).unwrap(), Reason::DeniedByPolicy);
-    expect_dropped(&c.run(Ingress, &packet::sctp4(A, 5000, LOCAL, 9001)).unwrap(), Reason::DeniedByPolicy);
-    expect_dropped(&c.run(Ingress, &packet::sctp4(B, 5000, LOCAL, 9000)).unwrap(), Reason::DeniedByPolicy);
+    expect_dropped(
+        &c.run(Ingress, &packet::tcp4(A, 5000, LOCAL, 9000, SYN))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
+    expect_dropped(
+        &c.run(Ingress, &packet::sctp4(A, 5000, LOCAL, 9001))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
+    expect_dropped(
+        &c.run(Ingress, &packet::sctp4(B, 5000, LOCAL, 9000))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
 }
 
 #[test]
@@ -192,26 +242,38 @@ fn rule_without_ports_allows_every_port_and_protocol() {
         packet::udp4(C, 1, LOCAL, 1),
         packet::sctp4(C, 1, LOCAL, 4242),
         packet::icmp4_echo(C, LOCAL, 7, 1, true),
-        Packet::new().ipv4(C, LOCAL).raw_l4(47, vec![0u8; 8]).build(), // GRE
+        Packet::new()
+            .ipv4(C, LOCAL)
+            .raw_l4(47, vec![0u8; 8])
+            .build(), // GRE
     ] {
         let run = c.run(Ingress, &frame).unwrap();
         expect_allowed(&run, Reason::AllowedByPolicy, RULE_C_ALL, C_ID);
     }
     // A rule with ports never matches ICMP or other protocols.
-    expect_dropped(&c.run(Ingress, &packet::icmp4_echo(A, LOCAL, 7, 1, true)).unwrap(), Reason::DeniedByPolicy);
+    expect_dropped(
+        &c.run(Ingress, &packet::icmp4_echo(A, LOCAL, 7, 1, true))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
 }
 
 #[test]
 fn cidr_and_except() {
     let mut c = classifier(false);
-    let run = c.run(Ingress, &packet::tcp4(EXT_IN_BLOCK, 5000, LOCAL, 443, SYN)).unwrap();
+    let run = c
+        .run(Ingress, &packet::tcp4(EXT_IN_BLOCK, 5000, LOCAL, 443, SYN))
+        .unwrap();
     expect_allowed(&run, Reason::AllowedByPolicy, RULE_BLOCK, identity::WORLD);
     assert_eq!(run.events[0].0.peer_cidr_identity, BLOCK_ID);
-    let run = c.run(Ingress, &packet::tcp4(EXT_IN_EXCEPT, 5000, LOCAL, 443, SYN)).unwrap();
+    let run = c
+        .run(Ingress, &packet::tcp4(EXT_IN_EXCEPT, 5000, LOCAL, 443, SYN))
+        .unwrap();
     expect_dropped(&run, Reason::DeniedByPolicy);
     assert_eq!(run.events[0].0.peer_cidr_identity, EXCEPT_ID);
     expect_dropped(
-        &c.run(Ingress, &packet::tcp4(EXT_OUTSIDE, 5000, LOCAL, 443, SYN)).unwrap(),
+        &c.run(Ingress, &packet::tcp4(EXT_OUTSIDE, 5000, LOCAL, 443, SYN))
+            .unwrap(),
         Reason::DeniedByPolicy,
     );
 }
@@ -221,18 +283,31 @@ fn pod_address_inside_an_ipblock_matches_it() {
     let mut c = classifier(false);
     // B's entry says its address lies in the block: the block's rule applies to it.
     c.set_peer(IpAddr::V4(B), B_ID, BLOCK_ID).unwrap();
-    let run = c.run(Ingress, &packet::tcp4(B, 5000, LOCAL, 443, SYN)).unwrap();
+    let run = c
+        .run(Ingress, &packet::tcp4(B, 5000, LOCAL, 443, SYN))
+        .unwrap();
     expect_allowed(&run, Reason::AllowedByPolicy, RULE_BLOCK, B_ID);
 }
 
 #[test]
 fn ipv6_identity_and_cidr() {
     let mut c = classifier(false);
-    let run = c.run(Ingress, &packet::tcp6(A6, 40000, LOCAL6, 80, SYN)).unwrap();
+    let run = c
+        .run(Ingress, &packet::tcp6(A6, 40000, LOCAL6, 80, SYN))
+        .unwrap();
     expect_allowed(&run, Reason::AllowedByPolicy, RULE_A_80, A_ID);
     assert_eq!(run.events[0].0.family, 6);
-    expect_dropped(&c.run(Ingress, &packet::tcp6(B6, 40000, LOCAL6, 80, SYN)).unwrap(), Reason::DeniedByPolicy);
-    let run = c.run(Ingress, &packet::tcp6(EXT6_IN_BLOCK, 40000, LOCAL6, 22, SYN)).unwrap();
+    expect_dropped(
+        &c.run(Ingress, &packet::tcp6(B6, 40000, LOCAL6, 80, SYN))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
+    let run = c
+        .run(
+            Ingress,
+            &packet::tcp6(EXT6_IN_BLOCK, 40000, LOCAL6, 22, SYN),
+        )
+        .unwrap();
     expect_allowed(&run, Reason::AllowedByPolicy, RULE_BLOCK6, identity::WORLD);
     let run = c.run(Ingress, &packet::udp6(B6, 5000, LOCAL6, 53)).unwrap();
     expect_allowed(&run, Reason::AllowedByPolicy, RULE_ANY_DNS, B_ID);
@@ -241,27 +316,44 @@ fn ipv6_identity_and_cidr() {
 #[test]
 fn node_may_always_connect_in_but_not_isolation_exempt_out() {
     let mut c = classifier(true);
-    let run = c.run(Ingress, &packet::tcp4(NODE, 40000, LOCAL, 10250, SYN)).unwrap();
+    let run = c
+        .run(Ingress, &packet::tcp4(NODE, 40000, LOCAL, 10250, SYN))
+        .unwrap();
     expect_allowed(&run, Reason::AllowedFromNode, 0, identity::HOST);
     // The pod's reply to the probe rides the connection.
-    expect_quiet_pass(&c.run(Egress, &packet::tcp4(LOCAL, 10250, NODE, 40000, SYN | ACK)).unwrap());
+    expect_quiet_pass(
+        &c.run(Egress, &packet::tcp4(LOCAL, 10250, NODE, 40000, SYN | ACK))
+            .unwrap(),
+    );
     // The pod's own connection to its node is governed by its egress policy.
-    expect_dropped(&c.run(Egress, &packet::tcp4(LOCAL, 40001, NODE, 443, SYN)).unwrap(), Reason::DeniedByPolicy);
+    expect_dropped(
+        &c.run(Egress, &packet::tcp4(LOCAL, 40001, NODE, 443, SYN))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
 }
 
 #[test]
 fn direction_not_isolated_allows_everything() {
     let mut c = classifier(false);
-    let run = c.run(Egress, &packet::tcp4(LOCAL, 40000, EXT_OUTSIDE, 443, SYN)).unwrap();
+    let run = c
+        .run(Egress, &packet::tcp4(LOCAL, 40000, EXT_OUTSIDE, 443, SYN))
+        .unwrap();
     expect_allowed(&run, Reason::AllowedNotIsolated, 0, identity::WORLD);
     let mut c = classifier(true);
     expect_dropped(
-        &c.run(Egress, &packet::tcp4(LOCAL, 40000, EXT_OUTSIDE, 443, SYN)).unwrap(),
+        &c.run(Egress, &packet::tcp4(LOCAL, 40000, EXT_OUTSIDE, 443, SYN))
+            .unwrap(),
         Reason::DeniedByPolicy,
     );
-    c.set_policy(PolicyKey::new(EP, identity::ANY, Egress as u8, proto::TCP), port_ranges(&[(443, 443, 99)]))
+    c.set_policy(
+        PolicyKey::new(EP, identity::ANY, Egress as u8, proto::TCP),
+        port_ranges(&[(443, 443, 99)]),
+    )
+    .unwrap();
+    let run = c
+        .run(Egress, &packet::tcp4(LOCAL, 40000, EXT_OUTSIDE, 443, SYN))
         .unwrap();
-    let run = c.run(Egress, &packet::tcp4(LOCAL, 40000, EXT_OUTSIDE, 443, SYN)).unwrap();
     expect_allowed(&run, Reason::AllowedByPolicy, 99, identity::WORLD);
 }
 
@@ -269,19 +361,46 @@ fn direction_not_isolated_allows_everything() {
 fn replies_flow_through_conntrack_and_do_not_open_the_other_way() {
     // Egress isolated with no egress rules: only replies may leave.
     let mut c = classifier(true);
-    let run = c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN)).unwrap();
+    let run = c
+        .run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN))
+        .unwrap();
     expect_allowed(&run, Reason::AllowedByPolicy, RULE_A_80, A_ID);
-    expect_quiet_pass(&c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, SYN | ACK)).unwrap());
-    expect_quiet_pass(&c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, ACK)).unwrap());
-    expect_quiet_pass(&c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, ACK)).unwrap());
+    expect_quiet_pass(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, SYN | ACK))
+            .unwrap(),
+    );
+    expect_quiet_pass(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, ACK))
+            .unwrap(),
+    );
+    expect_quiet_pass(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, ACK))
+            .unwrap(),
+    );
     // A new connection from the pod to the same peer is its own verdict.
-    expect_dropped(&c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40001, SYN)).unwrap(), Reason::DeniedByPolicy);
-    expect_dropped(&c.run(Egress, &packet::tcp4(LOCAL, 40000, A, 80, SYN)).unwrap(), Reason::DeniedByPolicy);
+    expect_dropped(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40001, SYN))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
+    expect_dropped(
+        &c.run(Egress, &packet::tcp4(LOCAL, 40000, A, 80, SYN))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
 
     // UDP: the answer to an allowed datagram passes, a datagram to another port does not.
-    expect_allowed(&c.run(Ingress, &packet::udp4(B, 5353, LOCAL, 53)).unwrap(), Reason::AllowedByPolicy, RULE_ANY_DNS, B_ID);
+    expect_allowed(
+        &c.run(Ingress, &packet::udp4(B, 5353, LOCAL, 53)).unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_ANY_DNS,
+        B_ID,
+    );
     expect_quiet_pass(&c.run(Egress, &packet::udp4(LOCAL, 53, B, 5353)).unwrap());
-    expect_dropped(&c.run(Egress, &packet::udp4(LOCAL, 53, B, 5354)).unwrap(), Reason::DeniedByPolicy);
+    expect_dropped(
+        &c.run(Egress, &packet::udp4(LOCAL, 53, B, 5354)).unwrap(),
+        Reason::DeniedByPolicy,
+    );
 }
 
 #[test]
@@ -290,146 +409,361 @@ fn each_endpoint_decides_for_itself() {
     // (this endpoint) still judges it on ingress.
     let mut c = classifier(false);
     expect_allowed(
-        &c.run(Egress, &packet::tcp4(LOCAL, 40000, B, 80, SYN)).unwrap(),
+        &c.run(Egress, &packet::tcp4(LOCAL, 40000, B, 80, SYN))
+            .unwrap(),
         Reason::AllowedNotIsolated,
         0,
         B_ID,
     );
     // B opening a connection to this endpoint is judged on ingress and denied.
-    expect_dropped(&c.run(Ingress, &packet::tcp4(B, 80, LOCAL, 40001, SYN)).unwrap(), Reason::DeniedByPolicy);
+    expect_dropped(
+        &c.run(Ingress, &packet::tcp4(B, 80, LOCAL, 40001, SYN))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
 }
 
 #[test]
 fn icmp_echo_and_related_errors() {
     let mut c = classifier(true);
     // Echo from an allowed peer; the reply leaves through conntrack.
-    expect_allowed(&c.run(Ingress, &packet::icmp4_echo(C, LOCAL, 77, 1, true)).unwrap(), Reason::AllowedByPolicy, RULE_C_ALL, C_ID);
-    expect_quiet_pass(&c.run(Egress, &packet::icmp4_echo(LOCAL, C, 77, 1, false)).unwrap());
+    expect_allowed(
+        &c.run(Ingress, &packet::icmp4_echo(C, LOCAL, 77, 1, true))
+            .unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_C_ALL,
+        C_ID,
+    );
+    expect_quiet_pass(
+        &c.run(Egress, &packet::icmp4_echo(LOCAL, C, 77, 1, false))
+            .unwrap(),
+    );
     // The pod may not ping C itself: egress isolated, and C's echo id does not open it.
-    expect_dropped(&c.run(Egress, &packet::icmp4_echo(LOCAL, C, 77, 2, true)).unwrap(), Reason::DeniedByPolicy);
+    expect_dropped(
+        &c.run(Egress, &packet::icmp4_echo(LOCAL, C, 77, 2, true))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
     // Echo from a peer without a rule.
-    expect_dropped(&c.run(Ingress, &packet::icmp4_echo(B, LOCAL, 78, 1, true)).unwrap(), Reason::DeniedByPolicy);
+    expect_dropped(
+        &c.run(Ingress, &packet::icmp4_echo(B, LOCAL, 78, 1, true))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
 
     // An error the pod sends about an allowed connection it received is related.
     let syn = packet::tcp4(A, 40000, LOCAL, 80, SYN);
-    expect_allowed(&c.run(Ingress, &syn).unwrap(), Reason::AllowedByPolicy, RULE_A_80, A_ID);
+    expect_allowed(
+        &c.run(Ingress, &syn).unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_A_80,
+        A_ID,
+    );
     let unreachable = packet::icmp4_error(LOCAL, A, 3, 3, packet::l3(&syn));
     let run = c.run(Egress, &unreachable).unwrap();
     expect_quiet_pass(&run);
     // An error quoting a connection nobody opened is judged as plain ICMP: denied.
     let stray = packet::tcp4(A, 40999, LOCAL, 80, SYN);
-    expect_dropped(&c.run(Egress, &packet::icmp4_error(LOCAL, A, 3, 3, packet::l3(&stray))).unwrap(), Reason::DeniedByPolicy);
+    expect_dropped(
+        &c.run(
+            Egress,
+            &packet::icmp4_error(LOCAL, A, 3, 3, packet::l3(&stray)),
+        )
+        .unwrap(),
+        Reason::DeniedByPolicy,
+    );
 
     // An error coming back about the pod's own connection (egress open here).
     let mut c = classifier(false);
     let query = packet::udp4(LOCAL, 5000, EXT_OUTSIDE, 53);
-    expect_allowed(&c.run(Egress, &query).unwrap(), Reason::AllowedNotIsolated, 0, identity::WORLD);
+    expect_allowed(
+        &c.run(Egress, &query).unwrap(),
+        Reason::AllowedNotIsolated,
+        0,
+        identity::WORLD,
+    );
     let router = Ipv4Addr::new(203, 0, 113, 1);
-    expect_quiet_pass(&c.run(Ingress, &packet::icmp4_error(router, LOCAL, 11, 0, packet::l3(&query))).unwrap());
+    expect_quiet_pass(
+        &c.run(
+            Ingress,
+            &packet::icmp4_error(router, LOCAL, 11, 0, packet::l3(&query)),
+        )
+        .unwrap(),
+    );
     // ICMPv6 packet too big about the pod's connection.
     let query6 = packet::tcp6(LOCAL6, 5000, EXT6_IN_BLOCK, 443, SYN);
-    expect_allowed(&c.run(Egress, &query6).unwrap(), Reason::AllowedNotIsolated, 0, identity::WORLD);
-    expect_quiet_pass(&c.run(Ingress, &packet::icmp6_error(B6, LOCAL6, 2, 0, packet::l3(&query6))).unwrap());
+    expect_allowed(
+        &c.run(Egress, &query6).unwrap(),
+        Reason::AllowedNotIsolated,
+        0,
+        identity::WORLD,
+    );
+    expect_quiet_pass(
+        &c.run(
+            Ingress,
+            &packet::icmp6_error(B6, LOCAL6, 2, 0, packet::l3(&query6)),
+        )
+        .unwrap(),
+    );
 }
 
 #[test]
 fn policy_change_cuts_established_connections_it_no_longer_allows() {
     let mut c = classifier(true);
-    expect_allowed(&c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN)).unwrap(), Reason::AllowedByPolicy, RULE_A_80, A_ID);
-    expect_quiet_pass(&c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, SYN | ACK)).unwrap());
+    expect_allowed(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN))
+            .unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_A_80,
+        A_ID,
+    );
+    expect_quiet_pass(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, SYN | ACK))
+            .unwrap(),
+    );
 
     // The agent removes A's rule and bumps the endpoint's epoch.
     c.remove_policy(ingress_key(A_ID, proto::TCP)).unwrap();
     c.bump_epoch().unwrap();
-    expect_dropped(&c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, ACK)).unwrap(), Reason::DeniedRevoked);
+    expect_dropped(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, ACK))
+            .unwrap(),
+        Reason::DeniedRevoked,
+    );
     // Both directions of the revoked connection stop.
-    expect_dropped(&c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, ACK)).unwrap(), Reason::DeniedRevoked);
+    expect_dropped(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, ACK))
+            .unwrap(),
+        Reason::DeniedRevoked,
+    );
 
     // Allowed again (by another rule): the connection resumes, attributed to it.
-    c.set_policy(ingress_key(A_ID, proto::TCP), port_ranges(&[(1, 1000, 55)])).unwrap();
+    c.set_policy(ingress_key(A_ID, proto::TCP), port_ranges(&[(1, 1000, 55)]))
+        .unwrap();
     c.bump_epoch().unwrap();
-    expect_quiet_pass(&c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, ACK)).unwrap());
-    expect_quiet_pass(&c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, ACK)).unwrap());
+    expect_quiet_pass(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, ACK))
+            .unwrap(),
+    );
+    expect_quiet_pass(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, ACK))
+            .unwrap(),
+    );
 
     // A change that keeps allowing the connection does not disturb it.
     c.bump_epoch().unwrap();
-    expect_quiet_pass(&c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, ACK)).unwrap());
+    expect_quiet_pass(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, ACK))
+            .unwrap(),
+    );
 }
 
 #[test]
 fn closed_connection_leaves_no_opening() {
     let mut c = classifier(true);
     // RST: the entry is gone, the server's next segment is a new egress attempt.
-    expect_allowed(&c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN)).unwrap(), Reason::AllowedByPolicy, RULE_A_80, A_ID);
-    expect_quiet_pass(&c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, SYN | ACK)).unwrap());
-    expect_quiet_pass(&c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, RST)).unwrap());
-    expect_dropped(&c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, ACK)).unwrap(), Reason::DeniedByPolicy);
+    expect_allowed(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN))
+            .unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_A_80,
+        A_ID,
+    );
+    expect_quiet_pass(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, SYN | ACK))
+            .unwrap(),
+    );
+    expect_quiet_pass(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, RST))
+            .unwrap(),
+    );
+    expect_dropped(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, ACK))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
 
     // FIN both ways: the last ACK passes; a SYN on the same tuple is judged anew
     // (its event proves it) and, once A's rule is gone, denied.
-    expect_allowed(&c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN)).unwrap(), Reason::AllowedByPolicy, RULE_A_80, A_ID);
-    expect_quiet_pass(&c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, SYN | ACK)).unwrap());
-    expect_quiet_pass(&c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, FIN | ACK)).unwrap());
-    expect_quiet_pass(&c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, FIN | ACK)).unwrap());
-    expect_quiet_pass(&c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, ACK)).unwrap());
-    expect_allowed(&c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN)).unwrap(), Reason::AllowedByPolicy, RULE_A_80, A_ID);
+    expect_allowed(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN))
+            .unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_A_80,
+        A_ID,
+    );
+    expect_quiet_pass(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, SYN | ACK))
+            .unwrap(),
+    );
+    expect_quiet_pass(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, FIN | ACK))
+            .unwrap(),
+    );
+    expect_quiet_pass(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, FIN | ACK))
+            .unwrap(),
+    );
+    expect_quiet_pass(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, ACK))
+            .unwrap(),
+    );
+    expect_allowed(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN))
+            .unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_A_80,
+        A_ID,
+    );
     c.remove_policy(ingress_key(A_ID, proto::TCP)).unwrap();
-    expect_dropped(&c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN)).unwrap(), Reason::DeniedByPolicy);
+    expect_dropped(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, SYN))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
 }
 
 #[test]
 fn spoofed_source_is_dropped_with_its_own_reason() {
     let mut c = classifier(false);
     expect_dropped(
-        &c.run(Egress, &packet::tcp4(Ipv4Addr::new(10, 0, 1, 99), 40000, EXT_OUTSIDE, 443, SYN)).unwrap(),
+        &c.run(
+            Egress,
+            &packet::tcp4(Ipv4Addr::new(10, 0, 1, 99), 40000, EXT_OUTSIDE, 443, SYN),
+        )
+        .unwrap(),
         Reason::DroppedSpoofedSource,
     );
     // Another pod's address, even one with broad rights.
-    expect_dropped(&c.run(Egress, &packet::udp4(C, 53, B, 53)).unwrap(), Reason::DroppedSpoofedSource);
-    expect_dropped(&c.run(Egress, &packet::tcp6(A6, 1, EXT6_IN_BLOCK, 443, SYN)).unwrap(), Reason::DroppedSpoofedSource);
+    expect_dropped(
+        &c.run(Egress, &packet::udp4(C, 53, B, 53)).unwrap(),
+        Reason::DroppedSpoofedSource,
+    );
+    expect_dropped(
+        &c.run(Egress, &packet::tcp6(A6, 1, EXT6_IN_BLOCK, 443, SYN))
+            .unwrap(),
+        Reason::DroppedSpoofedSource,
+    );
     // An endpoint without an IPv6 address may not send IPv6 at all.
     c.set_endpoint(EndpointInfo {
         endpoint_id: EP,
         identity: LOCAL_ID,
-        epoch: 1,
         flags: EndpointInfo::HAS_IPV4,
         ipv4: LOCAL.octets(),
         ipv6: LOCAL6.octets(),
     })
     .unwrap();
-    expect_dropped(&c.run(Egress, &packet::tcp6(LOCAL6, 1, EXT6_IN_BLOCK, 443, SYN)).unwrap(), Reason::DroppedSpoofedSource);
+    expect_dropped(
+        &c.run(Egress, &packet::tcp6(LOCAL6, 1, EXT6_IN_BLOCK, 443, SYN))
+            .unwrap(),
+        Reason::DroppedSpoofedSource,
+    );
     // Its own address passes.
-    assert!(c.run(Egress, &packet::tcp4(LOCAL, 40000, EXT_OUTSIDE, 443, SYN)).unwrap().passed());
+    assert!(
+        c.run(Egress, &packet::tcp4(LOCAL, 40000, EXT_OUTSIDE, 443, SYN))
+            .unwrap()
+            .passed()
+    );
 }
 
 #[test]
 fn later_fragments_follow_the_first() {
     let mut c = classifier(true);
-    let first = Packet::new().ipv4(B, LOCAL).ip_id(0x1234).fragment(0, true).udp(5000, 53).payload([1u8; 64]).build();
-    let middle = Packet::new().ipv4(B, LOCAL).ip_id(0x1234).fragment(9, true).raw_l4(proto::UDP, vec![2u8; 64]).build();
-    let last = Packet::new().ipv4(B, LOCAL).ip_id(0x1234).fragment(17, false).raw_l4(proto::UDP, vec![3u8; 16]).build();
-    expect_allowed(&c.run(Ingress, &first).unwrap(), Reason::AllowedByPolicy, RULE_ANY_DNS, B_ID);
+    let first = Packet::new()
+        .ipv4(B, LOCAL)
+        .ip_id(0x1234)
+        .fragment(0, true)
+        .udp(5000, 53)
+        .payload([1u8; 64])
+        .build();
+    let middle = Packet::new()
+        .ipv4(B, LOCAL)
+        .ip_id(0x1234)
+        .fragment(9, true)
+        .raw_l4(proto::UDP, vec![2u8; 64])
+        .build();
+    let last = Packet::new()
+        .ipv4(B, LOCAL)
+        .ip_id(0x1234)
+        .fragment(17, false)
+        .raw_l4(proto::UDP, vec![3u8; 16])
+        .build();
+    expect_allowed(
+        &c.run(Ingress, &first).unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_ANY_DNS,
+        B_ID,
+    );
     expect_quiet_pass(&c.run(Ingress, &middle).unwrap());
     expect_quiet_pass(&c.run(Ingress, &last).unwrap());
     // The datagram is complete: a replayed later fragment no longer passes.
-    expect_dropped(&c.run(Ingress, &middle).unwrap(), Reason::DroppedFragmentUnknown);
+    expect_dropped(
+        &c.run(Ingress, &middle).unwrap(),
+        Reason::DroppedFragmentUnknown,
+    );
 
     // Fragments of a denied datagram never pass, whatever their payload claims.
-    let denied_first = Packet::new().ipv4(B, LOCAL).ip_id(0x99).fragment(0, true).udp(5000, 54).payload([1u8; 64]).build();
-    let denied_later = Packet::new().ipv4(B, LOCAL).ip_id(0x99).fragment(9, false).raw_l4(proto::UDP, vec![0u8; 8]).build();
-    expect_dropped(&c.run(Ingress, &denied_first).unwrap(), Reason::DeniedByPolicy);
-    expect_dropped(&c.run(Ingress, &denied_later).unwrap(), Reason::DroppedFragmentUnknown);
+    let denied_first = Packet::new()
+        .ipv4(B, LOCAL)
+        .ip_id(0x99)
+        .fragment(0, true)
+        .udp(5000, 54)
+        .payload([1u8; 64])
+        .build();
+    let denied_later = Packet::new()
+        .ipv4(B, LOCAL)
+        .ip_id(0x99)
+        .fragment(9, false)
+        .raw_l4(proto::UDP, vec![0u8; 8])
+        .build();
+    expect_dropped(
+        &c.run(Ingress, &denied_first).unwrap(),
+        Reason::DeniedByPolicy,
+    );
+    expect_dropped(
+        &c.run(Ingress, &denied_later).unwrap(),
+        Reason::DroppedFragmentUnknown,
+    );
     // A later fragment whose first was never seen.
-    let orphan = Packet::new().ipv4(A, LOCAL).ip_id(0x77).fragment(100, false).raw_l4(proto::TCP, vec![0u8; 40]).build();
-    expect_dropped(&c.run(Ingress, &orphan).unwrap(), Reason::DroppedFragmentUnknown);
+    let orphan = Packet::new()
+        .ipv4(A, LOCAL)
+        .ip_id(0x77)
+        .fragment(100, false)
+        .raw_l4(proto::TCP, vec![0u8; 40])
+        .build();
+    expect_dropped(
+        &c.run(Ingress, &orphan).unwrap(),
+        Reason::DroppedFragmentUnknown,
+    );
 
     // IPv6 fragment header.
-    let first6 = Packet::new().ipv6(B6, LOCAL6).ext(packet::ExtHeader::fragment(0xabcd, 0, true)).udp(5000, 53).payload([1u8; 64]).build();
-    let last6 = Packet::new().ipv6(B6, LOCAL6).ext(packet::ExtHeader::fragment(0xabcd, 9, false)).raw_l4(proto::UDP, vec![0u8; 8]).build();
-    expect_allowed(&c.run(Ingress, &first6).unwrap(), Reason::AllowedByPolicy, RULE_ANY_DNS, B_ID);
+    let first6 = Packet::new()
+        .ipv6(B6, LOCAL6)
+        .ext(packet::ExtHeader::fragment(0xabcd, 0, true))
+        .udp(5000, 53)
+        .payload([1u8; 64])
+        .build();
+    let last6 = Packet::new()
+        .ipv6(B6, LOCAL6)
+        .ext(packet::ExtHeader::fragment(0xabcd, 9, false))
+        .raw_l4(proto::UDP, vec![0u8; 8])
+        .build();
+    expect_allowed(
+        &c.run(Ingress, &first6).unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_ANY_DNS,
+        B_ID,
+    );
     expect_quiet_pass(&c.run(Ingress, &last6).unwrap());
-    let orphan6 = Packet::new().ipv6(A6, LOCAL6).ext(packet::ExtHeader::fragment(0x1, 9, false)).raw_l4(proto::TCP, vec![0u8; 8]).build();
-    expect_dropped(&c.run(Ingress, &orphan6).unwrap(), Reason::DroppedFragmentUnknown);
+    let orphan6 = Packet::new()
+        .ipv6(A6, LOCAL6)
+        .ext(packet::ExtHeader::fragment(0x1, 9, false))
+        .raw_l4(proto::TCP, vec![0u8; 8])
+        .build();
+    expect_dropped(
+        &c.run(Ingress, &orphan6).unwrap(),
+        Reason::DroppedFragmentUnknown,
+    );
 }
 
 #[test]
@@ -439,7 +773,10 @@ fn link_control_passes_and_unknown_traffic_does_not() {
     expect_quiet_pass(&c.run(Egress, &arp).unwrap());
     // Neighbour solicitation from the pod's link-local address.
     let ns = Packet::new()
-        .ipv6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 5), Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 1))
+        .ipv6(
+            Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 5),
+            Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 1),
+        )
         .icmp6(135, 0, [0; 4])
         .payload([0u8; 16])
         .build();

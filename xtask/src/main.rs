@@ -1,1 +1,62 @@
-fn main() {}
+//! `cargo xtask`: the one entry point for work around the code.
+//!
+//! Adding a subcommand: write `src/<name>.rs` with an `Options` struct
+//! (`#[derive(clap::Args)]`) and a `pub fn run(&Options) -> anyhow::Result<()>`,
+//! add a `mod` line, a variant to [`Command`] and an arm to the `match` in
+//! [`main`].
+
+mod build_ebpf;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Palisade development tasks",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Install what building, loading and testing the BPF programs needs
+    /// (Debian packages, nightly + rust-src, bpf-linker, bpffs). Idempotent.
+    Setup(setup::Options),
+    /// Build the TC classifier (policy-ebpf) for bpfel-unknown-none.
+    BuildEbpf(build_ebpf::Options),
+    /// Build the classifier, then run `cargo test` on the workspace (as root).
+    Test(test::Options),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Setup(opts) => setup::run(opts),
+        Command::BuildEbpf(opts) => build_ebpf::run(opts).map(drop),
+        Command::Test(opts) => test::run(opts),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            // Exit like the failing command did (e.g. `cargo test`'s status).
+            let code = err
+                .chain()
+                .find_map(|cause| cause.downcast_ref::<util::CommandFailed>())
+                .and_then(|failed| failed.code)
+                .and_then(|code| u8::try_from(code).ok())
+                .filter(|&code| code != 0)
+                .unwrap_or(1);
+            ExitCode::from(code)
+        }
+    }
+}

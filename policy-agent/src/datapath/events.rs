@@ -1,7 +1,11 @@
 //! Reading flow events from the ring buffer.
 
 use aya::maps::{MapData, RingBuf};
-use policy_common::{FlowEvent, event::{DecodeError, DecodedCodes}, names};
+use policy_common::{
+    FlowEvent,
+    event::{DecodeError, DecodedCodes},
+    names,
+};
 
 use super::{Datapath, DatapathError};
 
@@ -17,7 +21,10 @@ impl FlowReader {
     /// Takes the ring buffer out of `datapath`; there is one reader per datapath.
     pub fn take(datapath: &mut Datapath) -> Result<Self, DatapathError> {
         let name = names::FLOW_EVENTS;
-        let map = datapath.ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+        let map = datapath
+            .ebpf
+            .take_map(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })?;
         let ring = RingBuf::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
         Ok(Self { ring })
     }

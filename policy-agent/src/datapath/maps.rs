@@ -1,8 +1,6 @@
 //! Typed handles on the classifier's maps.
 
-use aya::maps::{
-    HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key,
-};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use policy_common::{
     Addr, CtEntry, CtKey, EndpointInfo, FragEntry, FragKey, PeerInfo, PeerIpKey, PolicyKey,
     PolicyValue, Reason, VerdictCounter, names,
@@ -39,6 +37,7 @@ macro_rules! map_accessor {
 
 impl Datapath {
     map_accessor!(endpoints, names::ENDPOINTS, HashMap<&mut MapData, u32, EndpointInfo>);
+    map_accessor!(epochs, names::EPOCHS, Array<&mut MapData, u32>);
     map_accessor!(peer_ips, names::PEER_IPS, HashMap<&mut MapData, PeerIpKey, PeerInfo>);
     map_accessor!(peer_cidrs, names::PEER_CIDRS, LpmTrie<&mut MapData, Addr, PeerInfo>);
     map_accessor!(policy, names::POLICY, HashMap<&mut MapData, PolicyKey, PolicyValue>);
@@ -52,9 +51,13 @@ impl Datapath {
         let stats = self.verdict_stats()?;
         let mut totals = Vec::with_capacity(Reason::ALL.len());
         for reason in Reason::ALL {
-            let per_cpu = stats
-                .get(&u32::from(reason as u8), 0)
-                .map_err(|source| DatapathError::Map { name: names::VERDICT_STATS, source })?;
+            let per_cpu =
+                stats
+                    .get(&u32::from(reason as u8), 0)
+                    .map_err(|source| DatapathError::Map {
+                        name: names::VERDICT_STATS,
+                        source,
+                    })?;
             let mut sum = VerdictCounter::default();
             for c in per_cpu.iter() {
                 sum.packets += c.packets;
@@ -68,9 +71,10 @@ impl Datapath {
     /// Flow events the kernel could not reserve room for, summed over CPUs.
     pub fn events_lost(&mut self) -> Result<u64, DatapathError> {
         let lost = self.events_lost_map()?;
-        let per_cpu = lost
-            .get(&0, 0)
-            .map_err(|source| DatapathError::Map { name: names::EVENTS_LOST, source })?;
+        let per_cpu = lost.get(&0, 0).map_err(|source| DatapathError::Map {
+            name: names::EVENTS_LOST,
+            source,
+        })?;
         Ok(per_cpu.iter().sum())
     }
 }

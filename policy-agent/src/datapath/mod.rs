@@ -21,17 +21,32 @@ pub enum DatapathError {
     )]
     NoObject,
     #[error("cannot create the pin directory {path}: {source}")]
-    PinDir { path: PathBuf, source: std::io::Error },
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("the eBPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("attaching to {interface}: {source}")]
-    Attach { interface: String, source: ProgramError },
+    Attach {
+        interface: String,
+        source: ProgramError,
+    },
 }
 
 /// The loaded classifier and its maps.
@@ -49,14 +64,23 @@ impl Datapath {
         if object.is_empty() {
             return Err(DatapathError::NoObject);
         }
-        std::fs::create_dir_all(pin_dir)
-            .map_err(|source| DatapathError::PinDir { path: pin_dir.to_owned(), source })?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(object)?;
+        std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(object)?;
         for name in [names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_NOOP] {
             let program = classifier(&mut ebpf, name)?;
-            program.load().map_err(|source| DatapathError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
         }
-        Ok(Self { ebpf, pin_dir: pin_dir.to_owned() })
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -75,7 +99,10 @@ impl Datapath {
         ] {
             classifier(&mut self.ebpf, name)?
                 .attach(interface, attach_type)
-                .map_err(|source| DatapathError::Attach { interface: interface.to_owned(), source })?;
+                .map_err(|source| DatapathError::Attach {
+                    interface: interface.to_owned(),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -111,8 +138,9 @@ impl Datapath {
         opts.data_in = Some(frame);
         opts.ctx_in = Some(&ctx);
         opts.repeat = repeat;
-        let result =
-            program.test_run(opts).map_err(|source| DatapathError::Program { name, source })?;
+        let result = program
+            .test_run(opts)
+            .map_err(|source| DatapathError::Program { name, source })?;
         Ok((result.return_value as i32, result.duration))
     }
 }
@@ -129,8 +157,13 @@ fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, DatapathError> {
-    let program = ebpf.program_mut(name).ok_or(DatapathError::Missing { kind: "program", name })?;
-    program.try_into().map_err(|source| DatapathError::Program { name, source })
+    let program = ebpf.program_mut(name).ok_or(DatapathError::Missing {
+        kind: "program",
+        name,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 /// Return values of the classifier.

@@ -1,0 +1,668 @@
+//! The policy compiler: a pure function from cluster state to the desired
+//! contents of the classifier's maps.
+//!
+//! [`compile`] takes every namespace, pod and policy of the cluster and this
+//! node's endpoints, and returns [`Desired`]: what `PALISADE_ENDPOINTS`,
+//! `PALISADE_PEER_IPS`, `PALISADE_PEER_CIDRS` and `PALISADE_POLICY` should
+//! hold, plus the rule-id table and the diagnostics. The map writer applies
+//! the difference with what the maps hold.
+//!
+//! # How the spec maps onto the maps
+//!
+//! The classifier decides a new connection with
+//! [`policy_common::verdict::allowing_rule`]: it resolves the peer address to
+//! a [`PeerInfo`] (exact pod/node entry, else the longest ipBlock prefix,
+//! else world) and looks up (endpoint, peer identity | peer CIDR identity |
+//! ANY, direction, protocol), then the port in the value. The compiler makes
+//! that lookup succeed exactly when NetworkPolicy v1 allows the connection:
+//!
+//! * An endpoint is isolated in a direction iff a policy of its namespace
+//!   selects it and declares that direction; only isolated directions get
+//!   entries (the classifier allows all otherwise).
+//! * Each rule of each such policy contributes, for each peer key, its ports:
+//!   no peers → [`policy_common::identity::ANY`]; selector peers → the identities of the
+//!   matching pods (identities are per label set, so all pods of one match
+//!   alike); ipBlock → the CIDR identities of the prefixes inside the block
+//!   and outside its excepts (exact: see the `peers` module).
+//! * No ports → every port of TCP, UDP, SCTP and every other protocol; a
+//!   protocol without port → every port of it; `port`/`endPort` → a range.
+//! * A named port resolves per destination pod: for ingress on the endpoint's
+//!   own container ports; for egress on each destination pod's, so egress
+//!   named ports are keyed by the destination's pod identity whatever the
+//!   rule's peers are, and allow nothing towards non-pod destinations.
+//!
+//! # Decisions where the maps cannot express the spec exactly
+//!
+//! * Egress named ports are resolved per identity: if pods (or addresses of
+//!   pods, for ipBlock peers) of one identity disagree, the identity gets the
+//!   ports all of them agree on (never more than the spec allows) and a
+//!   [`DiagnosticCode::NamedPortInexact`] warning is emitted.
+//! * More port ranges for one key than a map value holds: ranges are merged
+//!   across rules (exact, attribution approximate: Info diagnostic); if still
+//!   too many, the excess ranges are denied with an Error diagnostic.
+//! * Host-network pods have the node's addresses: they get no peer entries
+//!   and no identity as peers; the datapath sees them as the node (HOST) or
+//!   the world.
+//! * Two pods with one address: the first in (namespace, name) order keeps
+//!   it; a warning names the other.
+//! * A local endpoint whose Pod is unknown, or scheduled on another node, is
+//!   isolated both ways with no entries (fail closed).
+
+pub mod identity;
+mod peers;
+mod ports;
+pub mod rules;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use policy_common::identity as reserved;
+use policy_common::{
+    Addr, Direction, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, V4_MAPPED_PREFIX_LEN,
+    v4_mapped,
+};
+
+pub use identity::{IdentityAllocator, IdentityError, IdentityKey};
+pub use rules::{RuleIds, RuleRef};
+
+use crate::model::{
+    ClusterState, Diagnostic, DiagnosticCode, Labels, ObjectKind, ObjectRef, Peer, Peers, Pod,
+    Policy, Protocol, Rule, Severity,
+};
+use peers::{Group, Prefixes, addr, collect_prefixes, peer_matches_group, prefix_key};
+use ports::{Fit, PortTarget, ValueBuilder, port_targets};
+
+/// The interface of a pod on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LocalEndpoint {
+    /// Index of the host-side interface (the `PALISADE_ENDPOINTS` key).
+    pub ifindex: u32,
+    /// The endpoint's id in policy keys.
+    pub endpoint_id: u32,
+}
+
+/// What is local to the node the agent runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeScope {
+    /// This node's name (pods' `spec.nodeName`).
+    pub node_name: String,
+    /// This node's addresses: peers with these addresses are [`policy_common::identity::HOST`].
+    pub node_ips: Vec<IpAddr>,
+    /// The pods of this node that have a registered interface. Only these get
+    /// endpoint and policy entries; every other pod is only a peer.
+    pub endpoints: BTreeMap<ObjectRef, LocalEndpoint>,
+}
+
+/// The desired contents of the classifier's maps, and what the compiler found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// `PALISADE_ENDPOINTS`, by host-side interface index. Epochs are 0: the
+    /// map writer manages them.
+    pub endpoints: BTreeMap<u32, EndpointInfo>,
+    /// `PALISADE_PEER_IPS`: pod and node addresses (IPv4 as IPv4-mapped).
+    pub peer_ips: BTreeMap<Addr, PeerInfo>,
+    /// `PALISADE_PEER_CIDRS`, by (prefix length in the 128-bit space, masked
+    /// address): every ipBlock prefix of every policy.
+    pub peer_cidrs: BTreeMap<(u32, Addr), PeerInfo>,
+    /// `PALISADE_POLICY`.
+    pub policy: BTreeMap<PolicyKey, PolicyValue>,
+    /// What each rule id in `policy` stands for (every rule of every policy).
+    pub rules: BTreeMap<u32, RuleRef>,
+    /// Conversion and compilation problems, conversion ones first.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Compiles the cluster state into the desired map contents for `node`.
+///
+/// Identities are taken from `ids` (allocating new ones in key order, so the
+/// result is deterministic for a given allocator state); identities no pod or
+/// policy uses any more are freed at the end.
+pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocator) -> Desired {
+    let mut diagnostics: Vec<Diagnostic> = state.diagnostics().cloned().collect();
+
+    // 1. Identities: one per (namespace labels, pod labels) of a pod that can
+    //    be a peer or is a local endpoint, one per ipBlock prefix.
+    let namespace_labels: BTreeMap<&str, Labels> = state
+        .pods()
+        .values()
+        .map(|p| p.namespace.as_str())
+        .collect::<BTreeSet<&str>>()
+        .into_iter()
+        .map(|ns| (ns, state.namespace_labels(ns)))
+        .collect();
+    let pod_key = |pod: &Pod| IdentityKey::Labels {
+        namespace: namespace_labels
+            .get(pod.namespace.as_str())
+            .cloned()
+            .unwrap_or_else(|| state.namespace_labels(&pod.namespace)),
+        pod: pod.labels.clone(),
+    };
+    let local_pods: Vec<(&ObjectRef, &LocalEndpoint, Option<&Pod>)> = node
+        .endpoints
+        .iter()
+        .map(|(r, ep)| {
+            let pod = state
+                .pod(r)
+                .filter(|p| p.node_name.as_deref() == Some(&node.node_name));
+            (r, ep, pod)
+        })
+        .collect();
+    let prefix_set = collect_prefixes(state.policies().values().flat_map(ip_blocks));
+
+    let mut keys: BTreeSet<IdentityKey> = BTreeSet::new();
+    keys.extend(state.pods().values().filter(|p| is_peer(p)).map(pod_key));
+    keys.extend(local_pods.iter().filter_map(|(_, _, pod)| pod.map(pod_key)));
+    keys.extend(prefix_set.iter().copied().map(IdentityKey::Cidr));
+    let mut exhausted = 0usize;
+    for key in &keys {
+        if ids.allocate(key).is_err() {
+            exhausted += 1;
+        }
+    }
+    if exhausted > 0 {
+        diagnostics.push(Diagnostic {
+            object: ObjectKind::Pod,
+            namespace: String::new(),
+            name: String::new(),
+            rule: None,
+            severity: Severity::Error,
+            code: DiagnosticCode::IdentityExhausted,
+            message: format!(
+                "{exhausted} label sets or prefixes got no identity: their pods are seen as \
+                 the world, their endpoints are isolated"
+            ),
+        });
+    }
+
+    let mut groups: BTreeMap<u32, Group<'_>> = BTreeMap::new();
+    for pod in state.pods().values().filter(|p| is_peer(p)) {
+        let key = pod_key(pod);
+        let Some(id) = ids.get(&key) else { continue };
+        let IdentityKey::Labels {
+            namespace: ns_labels,
+            ..
+        } = key
+        else {
+            continue;
+        };
+        groups
+            .entry(id)
+            .or_insert_with(|| Group {
+                id,
+                namespace: &pod.namespace,
+                namespace_labels: ns_labels,
+                pod_labels: &pod.labels,
+                pods: Vec::new(),
+            })
+            .pods
+            .push(pod);
+    }
+    let prefixes = Prefixes::new(
+        prefix_set
+            .iter()
+            .filter_map(|p| ids.get(&IdentityKey::Cidr(*p)).map(|id| (*p, id)))
+            .collect(),
+    );
+
+    let mut out = Desired::default();
+
+    // 2. Peer maps.
+    for (net, id) in prefixes.iter() {
+        out.peer_cidrs.insert(
+            prefix_key(net),
+            PeerInfo {
+                identity: reserved::WORLD,
+                cidr_identity: id,
+            },
+        );
+    }
+    if prefixes.needs_v4_catch_all() {
+        out.peer_cidrs.insert(
+            (V4_MAPPED_PREFIX_LEN, v4_mapped([0; 4])),
+            PeerInfo {
+                identity: reserved::WORLD,
+                cidr_identity: reserved::ANY,
+            },
+        );
+    }
+    let mut owners: BTreeMap<Addr, String> = BTreeMap::new();
+    for ip in &node.node_ips {
+        let a = addr(ip);
+        out.peer_ips.entry(a).or_insert_with(|| {
+            owners.insert(a, "this node".to_owned());
+            PeerInfo {
+                identity: reserved::HOST,
+                cidr_identity: prefixes.longest_match(ip),
+            }
+        });
+    }
+    for pod in state.pods().values().filter(|p| is_peer(p)) {
+        let Some(id) = ids.get(&pod_key(pod)) else {
+            continue;
+        };
+        for ip in &pod.ips {
+            let a = addr(ip);
+            if let Some(owner) = owners.get(&a) {
+                diagnostics.push(Diagnostic::pod(
+                    &pod.namespace,
+                    &pod.name,
+                    Severity::Warning,
+                    DiagnosticCode::DuplicatePodIp,
+                    format!(
+                        "address {ip} also belongs to {owner}; traffic from it is seen as theirs"
+                    ),
+                ));
+                continue;
+            }
+            owners.insert(a, format!("pod {}/{}", pod.namespace, pod.name));
+            out.peer_ips.insert(
+                a,
+                PeerInfo {
+                    identity: id,
+                    cidr_identity: prefixes.longest_match(ip),
+                },
+            );
+        }
+    }
+
+    // 3. Endpoints and policy entries.
+    let rule_ids = RuleIds::assign(state.policies().values());
+    let ctx = Context {
+        state,
+        groups: &groups,
+        prefixes: &prefixes,
+    };
+    let mut plans: BTreeMap<(ObjectRef, Direction, usize), RulePlan> = BTreeMap::new();
+    let mut values: BTreeMap<PolicyKey, ValueBuilder> = BTreeMap::new();
+    let mut endpoint_pods: BTreeMap<u32, ObjectRef> = BTreeMap::new();
+    for (pod_ref, ep, pod) in local_pods {
+        if out.endpoints.contains_key(&ep.ifindex) {
+            diagnostics.push(Diagnostic::pod(
+                &pod_ref.namespace,
+                &pod_ref.name,
+                Severity::Error,
+                DiagnosticCode::DuplicateEndpoint,
+                format!(
+                    "interface {} is registered for another pod too; ignored",
+                    ep.ifindex
+                ),
+            ));
+            continue;
+        }
+        let isolated_unknown = EndpointInfo {
+            endpoint_id: ep.endpoint_id,
+            identity: reserved::ANY,
+            flags: EndpointInfo::INGRESS_ISOLATED | EndpointInfo::EGRESS_ISOLATED,
+            ..EndpointInfo::default()
+        };
+        let Some(pod) = pod else {
+            let why = match state.pod(pod_ref) {
+                None => "its Pod is unknown".to_owned(),
+                Some(p) => format!(
+                    "its Pod is scheduled on {:?}, not on this node {:?}",
+                    p.node_name, node.node_name
+                ),
+            };
+            diagnostics.push(Diagnostic::pod(
+                &pod_ref.namespace,
+                &pod_ref.name,
+                Severity::Warning,
+                DiagnosticCode::EndpointWithoutPod,
+                format!(
+                    "interface {}: {why}; isolated both ways until it is known",
+                    ep.ifindex
+                ),
+            ));
+            out.endpoints.insert(ep.ifindex, isolated_unknown);
+            continue;
+        };
+        let Some(own_identity) = ids.get(&pod_key(pod)) else {
+            out.endpoints.insert(ep.ifindex, isolated_unknown);
+            continue;
+        };
+        let selecting: Vec<&Policy> = state
+            .policies_in(&pod.namespace)
+            .filter(|p| p.selects(pod))
+            .collect();
+        let mut info = EndpointInfo {
+            endpoint_id: ep.endpoint_id,
+            identity: own_identity,
+            ..EndpointInfo::default()
+        };
+        if selecting.iter().any(|p| p.isolates_ingress) {
+            info.flags |= EndpointInfo::INGRESS_ISOLATED;
+        }
+        if selecting.iter().any(|p| p.isolates_egress) {
+            info.flags |= EndpointInfo::EGRESS_ISOLATED;
+        }
+        if let Some(v4) = pod.ips.iter().find_map(|ip| match ip.to_canonical() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        }) {
+            info.flags |= EndpointInfo::HAS_IPV4;
+            info.ipv4 = v4.octets();
+        }
+        if let Some(v6) = pod.ips.iter().find_map(|ip| match ip.to_canonical() {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        }) {
+            info.flags |= EndpointInfo::HAS_IPV6;
+            info.ipv6 = v6.octets();
+        }
+        out.endpoints.insert(ep.ifindex, info);
+        endpoint_pods.insert(ep.endpoint_id, pod_ref.clone());
+
+        for policy in selecting {
+            let policy_ref = policy.object_ref();
+            for direction in [Direction::Ingress, Direction::Egress] {
+                if !policy.isolates(direction) {
+                    continue;
+                }
+                for (index, rule) in policy.rules(direction).iter().enumerate() {
+                    let Some(rule_id) = rule_ids.id(&policy_ref, direction, index) else {
+                        continue;
+                    };
+                    let plan = plans
+                        .entry((policy_ref.clone(), direction, index))
+                        .or_insert_with(|| {
+                            ctx.plan(policy, direction, index, rule, &mut diagnostics)
+                        });
+                    plan.emit(&mut values, ep.endpoint_id, direction, rule_id, pod);
+                }
+            }
+        }
+    }
+
+    for (key, builder) in values {
+        let (value, fit) = builder.build();
+        let owner = endpoint_pods
+            .get(&key.endpoint_id)
+            .cloned()
+            .unwrap_or_default();
+        let what = format!(
+            "{} to/from identity {} protocol {}",
+            Direction::try_from(key.direction).map_or("?", |d| d.as_str()),
+            key.identity,
+            key.protocol
+        );
+        match fit {
+            Fit::Exact => {}
+            Fit::Coalesced => diagnostics.push(Diagnostic::pod(
+                owner.namespace,
+                owner.name,
+                Severity::Info,
+                DiagnosticCode::PortRangesCoalesced,
+                format!("{what}: port ranges of several rules merged to fit; flows may name a neighbouring rule"),
+            )),
+            Fit::Overflow(left_out) => diagnostics.push(Diagnostic::pod(
+                owner.namespace,
+                owner.name,
+                Severity::Error,
+                DiagnosticCode::PortRangesOverflow,
+                format!(
+                    "{what}: more than {} port ranges; these allowed ranges are DENIED: {}",
+                    policy_common::MAX_PORT_RANGES,
+                    left_out.iter().map(|(f, l)| format!("{f}-{l}")).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
+        out.policy.insert(key, value);
+    }
+
+    out.rules = rule_ids.into_map();
+    ids.retain(&keys);
+    out.diagnostics = diagnostics;
+    out
+}
+
+/// Whether a pod can be a peer: it has addresses of its own.
+fn is_peer(pod: &Pod) -> bool {
+    !pod.host_network && !pod.ips.is_empty()
+}
+
+/// Every ipBlock of a policy's rules.
+fn ip_blocks(policy: &Policy) -> impl Iterator<Item = &crate::model::IpBlock> {
+    policy
+        .ingress
+        .iter()
+        .chain(&policy.egress)
+        .flat_map(|rule: &Rule| match &rule.peers {
+            Peers::All => [].iter(),
+            Peers::Only(list) => list.iter(),
+        })
+        .filter_map(|peer| match peer {
+            Peer::IpBlock(block) => Some(block),
+            _ => None,
+        })
+}
+
+/// What the compiler knows while planning rules.
+struct Context<'s, 'g> {
+    state: &'s ClusterState,
+    groups: &'g BTreeMap<u32, Group<'s>>,
+    prefixes: &'g Prefixes,
+}
+
+/// One rule's entries, independent of the endpoint except for ingress named
+/// ports (which resolve on the endpoint itself).
+#[derive(Debug)]
+struct RulePlan {
+    /// Peer keys for ports that do not depend on the destination pod.
+    keys: BTreeSet<u32>,
+    targets: Vec<PortTarget>,
+    /// Egress named ports: (protocol, name) → pod identity → port numbers.
+    egress_named: BTreeMap<(Protocol, String), BTreeMap<u32, BTreeSet<u16>>>,
+}
+
+impl Context<'_, '_> {
+    fn plan(
+        &self,
+        policy: &Policy,
+        direction: Direction,
+        index: usize,
+        rule: &Rule,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) -> RulePlan {
+        let mut keys = BTreeSet::new();
+        match &rule.peers {
+            Peers::All => {
+                keys.insert(reserved::ANY);
+            }
+            Peers::Only(list) => {
+                for peer in list {
+                    match peer {
+                        Peer::IpBlock(block) => keys.extend(self.prefixes.in_block(block)),
+                        _ => keys.extend(
+                            self.groups
+                                .values()
+                                .filter(|g| peer_matches_group(peer, &policy.namespace, g))
+                                .map(|g| g.id),
+                        ),
+                    }
+                }
+            }
+        }
+        let targets = port_targets(&rule.ports);
+        let mut egress_named = BTreeMap::new();
+        for target in &targets {
+            let PortTarget::Named { protocol, name } = target else {
+                continue;
+            };
+            let report = |severity, code, message: String| {
+                Diagnostic::policy(
+                    &policy.namespace,
+                    &policy.name,
+                    Some((direction, index)),
+                    severity,
+                    code,
+                    message,
+                )
+            };
+            match direction {
+                Direction::Ingress => {
+                    let found = self
+                        .state
+                        .pods()
+                        .values()
+                        .filter(|p| policy.selects(p))
+                        .any(|p| p.resolve_named_port(name, *protocol).next().is_some());
+                    if !found {
+                        diagnostics.push(report(
+                            Severity::Warning,
+                            DiagnosticCode::NamedPortNotFound,
+                            format!(
+                                "no pod selected by the policy has a {protocol} port named {name:?}; \
+                                 this port entry allows nothing"
+                            ),
+                        ));
+                    }
+                }
+                Direction::Egress => {
+                    let (resolved, found, inexact) =
+                        self.resolve_egress_named(policy, rule, name, *protocol);
+                    if !found {
+                        diagnostics.push(report(
+                            Severity::Warning,
+                            DiagnosticCode::NamedPortNotFound,
+                            format!(
+                                "no destination pod of this rule has a {protocol} port named \
+                                 {name:?}; this port entry allows nothing"
+                            ),
+                        ));
+                    }
+                    if !inexact.is_empty() {
+                        diagnostics.push(report(
+                            Severity::Warning,
+                            DiagnosticCode::NamedPortInexact,
+                            format!(
+                                "{protocol} port {name:?} differs between pods (or addresses) of \
+                                 identities {inexact:?}; only the port numbers they all agree on \
+                                 are allowed to them"
+                            ),
+                        ));
+                    }
+                    egress_named.insert((*protocol, name.clone()), resolved);
+                }
+            }
+        }
+        RulePlan {
+            keys,
+            targets,
+            egress_named,
+        }
+    }
+
+    /// Egress named port: for each pod identity, the port numbers allowed to
+    /// every address of every pod of it (the rule's peers must include the
+    /// address, and the pod must have the named port). Also says whether any
+    /// destination has the port at all, and which identities disagree.
+    fn resolve_egress_named(
+        &self,
+        policy: &Policy,
+        rule: &Rule,
+        name: &str,
+        protocol: Protocol,
+    ) -> (BTreeMap<u32, BTreeSet<u16>>, bool, Vec<u32>) {
+        let mut resolved = BTreeMap::new();
+        let mut found = false;
+        let mut inexact = Vec::new();
+        for group in self.groups.values() {
+            let mut common: Option<BTreeSet<u16>> = None;
+            let mut any = BTreeSet::new();
+            for pod in &group.pods {
+                let ports: BTreeSet<u16> = pod.resolve_named_port(name, protocol).collect();
+                for ip in &pod.ips {
+                    let allowed = if peers::peers_match_pod_address(
+                        &rule.peers,
+                        &policy.namespace,
+                        group,
+                        ip,
+                    ) {
+                        ports.clone()
+                    } else {
+                        BTreeSet::new()
+                    };
+                    any.extend(allowed.iter().copied());
+                    common = Some(match common {
+                        None => allowed,
+                        Some(c) => c.intersection(&allowed).copied().collect(),
+                    });
+                }
+            }
+            let common = common.unwrap_or_default();
+            found |= !any.is_empty();
+            if common != any {
+                inexact.push(group.id);
+            }
+            if !common.is_empty() {
+                resolved.insert(group.id, common);
+            }
+        }
+        (resolved, found, inexact)
+    }
+}
+
+impl RulePlan {
+    /// Adds this rule's entries for one endpoint.
+    fn emit(
+        &self,
+        values: &mut BTreeMap<PolicyKey, ValueBuilder>,
+        endpoint_id: u32,
+        direction: Direction,
+        rule_id: u32,
+        endpoint: &Pod,
+    ) {
+        let d = direction as u8;
+        let key = |peer: u32, protocol: u8| PolicyKey::new(endpoint_id, peer, d, protocol);
+        let mut add = |peer: u32, protocol: u8, port: Option<(u16, u16)>| {
+            let builder = values.entry(key(peer, protocol)).or_default();
+            match port {
+                None => builder.allow_any(rule_id),
+                Some((first, last)) => builder.allow_range(first, last, rule_id),
+            }
+        };
+        for target in &self.targets {
+            match target {
+                PortTarget::AnyPort(protocol) => {
+                    for &peer in &self.keys {
+                        add(peer, *protocol, None);
+                    }
+                }
+                PortTarget::Range {
+                    protocol,
+                    first,
+                    last,
+                } => {
+                    for &peer in &self.keys {
+                        add(peer, protocol.number(), Some((*first, *last)));
+                    }
+                }
+                PortTarget::Named { protocol, name } => match direction {
+                    Direction::Ingress => {
+                        let numbers: BTreeSet<u16> =
+                            endpoint.resolve_named_port(name, *protocol).collect();
+                        for &peer in &self.keys {
+                            for &n in &numbers {
+                                add(peer, protocol.number(), Some((n, n)));
+                            }
+                        }
+                    }
+                    Direction::Egress => {
+                        let Some(by_identity) = self.egress_named.get(&(*protocol, name.clone()))
+                        else {
+                            continue;
+                        };
+                        for (&peer, numbers) in by_identity {
+                            for &n in numbers {
+                                add(peer, protocol.number(), Some((n, n)));
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
