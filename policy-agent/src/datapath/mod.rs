@@ -3,6 +3,7 @@
 mod events;
 mod maps;
 mod object;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 
