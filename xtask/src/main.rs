@@ -5,6 +5,7 @@
 //! add a `mod` line, a variant to [`Command`] and an arm to the `match` in
 //! [`main`].
 
+mod bench;
 mod build_ebpf;
 mod setup;
 mod test;
@@ -35,6 +36,8 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Build the classifier, then run `cargo test` on the workspace (as root).
     Test(test::Options),
+    /// Run a benchmark and print its figures (`datapath`; `--json FILE` to save them).
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Command::Setup(opts) => setup::run(opts),
         Command::BuildEbpf(opts) => build_ebpf::run(opts).map(drop),
         Command::Test(opts) => test::run(opts),
+        Command::Bench(opts) => bench::run(opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
