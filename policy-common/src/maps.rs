@@ -66,6 +66,34 @@ impl EndpointInfo {
     pub const EGRESS_ISOLATED: u32 = 1 << 1;
     pub const HAS_IPV4: u32 = 1 << 2;
     pub const HAS_IPV6: u32 = 1 << 3;
+    /// The endpoint has policy entries keyed by [`identity::ANY`] for ingress;
+    /// without it the classifier skips that lookup.
+    pub const INGRESS_ANY_PEER: u32 = 1 << 4;
+    pub const EGRESS_ANY_PEER: u32 = 1 << 5;
+    /// The endpoint has policy entries keyed by a CIDR identity for ingress;
+    /// without it the classifier skips that lookup.
+    pub const INGRESS_CIDR_PEER: u32 = 1 << 6;
+    pub const EGRESS_CIDR_PEER: u32 = 1 << 7;
+
+    /// `INGRESS_ANY_PEER` or `EGRESS_ANY_PEER` for a direction code.
+    #[inline(always)]
+    pub const fn any_peer_flag(direction: u8) -> u32 {
+        if direction == 0 {
+            Self::INGRESS_ANY_PEER
+        } else {
+            Self::EGRESS_ANY_PEER
+        }
+    }
+
+    /// `INGRESS_CIDR_PEER` or `EGRESS_CIDR_PEER` for a direction code.
+    #[inline(always)]
+    pub const fn cidr_peer_flag(direction: u8) -> u32 {
+        if direction == 0 {
+            Self::INGRESS_CIDR_PEER
+        } else {
+            Self::EGRESS_CIDR_PEER
+        }
+    }
 }
 
 /// Key of [`PEER_IPS`](crate::names::PEER_IPS): one exact address.

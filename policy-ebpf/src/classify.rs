@@ -12,14 +12,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use policy_common::{
-    Addr, CtEntry, CtKey, Direction, EndpointInfo, FragEntry, FragKey, PeerInfo, Reason, Verdict,
-    ct_state, identity, proto,
+    Addr, CtEntry, CtKey, Direction, EndpointInfo, FlowEvent, FragEntry, FragKey, PeerInfo, Reason,
+    Verdict, ct_state, identity, proto,
 };
 
 use crate::{
     addr,
     conntrack::{Update, current_epoch, is_expired, is_tcp_open, key_for, opening_dport, track},
-    maps::{CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH},
+    maps::{CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
     parse::{Fragment, IcmpKind, Packet, Parsed, Tuple, parse},
     policy::{judge, resolve_peer},
     report::{EventInfo, count, emit},
@@ -73,10 +73,10 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
     let len = ctx.len();
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     pull_headers(ctx, len);
-    let Some(packet) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return DROP;
     };
-    let packet = unsafe { &mut *packet };
+    let Scratch { packet, event } = unsafe { &mut *scratch };
     let parsed = parse(ctx, packet);
 
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -107,41 +107,27 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
     }
 
     let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
-        return drop_unparsed(ifindex, 0, direction, len, Reason::DroppedUnknownEndpoint);
+        return drop_unparsed(
+            event,
+            ifindex,
+            0,
+            direction,
+            len,
+            Reason::DroppedUnknownEndpoint,
+        );
     };
-    match parsed {
-        Parsed::Ip => {}
+    let unparsed = match parsed {
+        Parsed::Ip => None,
         Parsed::Control => {
             count(Reason::AllowedControl, len);
             return PASS;
         }
-        Parsed::Malformed => {
-            return drop_unparsed(
-                ifindex,
-                ep.endpoint_id,
-                direction,
-                len,
-                Reason::DroppedMalformed,
-            );
-        }
-        Parsed::UnsupportedL3 => {
-            return drop_unparsed(
-                ifindex,
-                ep.endpoint_id,
-                direction,
-                len,
-                Reason::DroppedUnsupportedL3,
-            );
-        }
-        Parsed::Ipv6ExtChain => {
-            return drop_unparsed(
-                ifindex,
-                ep.endpoint_id,
-                direction,
-                len,
-                Reason::DroppedIpv6ExtChain,
-            );
-        }
+        Parsed::Malformed => Some(Reason::DroppedMalformed),
+        Parsed::UnsupportedL3 => Some(Reason::DroppedUnsupportedL3),
+        Parsed::Ipv6ExtChain => Some(Reason::DroppedIpv6ExtChain),
+    };
+    if let Some(reason) = unparsed {
+        return drop_unparsed(event, ifindex, ep.endpoint_id, direction, len, reason);
     }
     let outcome = match tracked {
         Some((key, entry)) => rejudge(ep, direction, &key, entry, packet.flags_or_type, now),
@@ -172,7 +158,7 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
             rule_id: outcome.rule_id,
             reason: outcome.reason,
         };
-        emit(Some(tuple), &info);
+        emit(event, Some(tuple), &info);
     }
     if allowed { PASS } else { DROP }
 }
@@ -336,6 +322,7 @@ fn frag_key(endpoint_id: u32, id: u32, tuple: &Tuple, direction: Direction) -> F
 /// Reports a packet dropped before its headers could be read.
 #[inline(always)]
 fn drop_unparsed(
+    event: &mut FlowEvent,
     ifindex: u32,
     endpoint_id: u32,
     direction: Direction,
@@ -355,7 +342,7 @@ fn drop_unparsed(
         rule_id: 0,
         reason,
     };
-    emit(None, &info);
+    emit(event, None, &info);
     DROP
 }
 

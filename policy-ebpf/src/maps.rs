@@ -52,8 +52,14 @@ pub static VERDICT_STATS: PerCpuArray<VerdictCounter> = PerCpuArray::pinned(Reas
 #[map(name = "PALISADE_EVENTS_LOST")]
 pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
-/// Per-CPU scratch space for the parsed packet: the BPF stack (512 bytes) is
-/// too small to hold it beside the map keys. A classifier run never nests on
-/// one CPU, so one slot per CPU suffices.
+/// Per-CPU scratch space for the parsed packet and the flow event being
+/// written: the BPF stack (512 bytes) is too small to hold them beside the map
+/// keys. A classifier run never nests on one CPU, so one slot per CPU suffices.
 #[map(name = "PALISADE_SCRATCH")]
-pub static SCRATCH: PerCpuArray<crate::parse::Packet> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct Scratch {
+    pub packet: crate::parse::Packet,
+    pub event: policy_common::FlowEvent,
+}

@@ -66,14 +66,7 @@ pub fn judge(
         };
     }
     let lookup = |key: &_| unsafe { POLICY.get(key) };
-    match allowing_rule(
-        lookup,
-        ep.endpoint_id,
-        direction as u8,
-        peer,
-        protocol,
-        dport,
-    ) {
+    match allowing_rule(lookup, ep, direction as u8, peer, protocol, dport) {
         Some(rule_id) => Judgement {
             reason: Reason::AllowedByPolicy,
             rule_id,

@@ -32,47 +32,44 @@ pub struct EventInfo {
     pub reason: Reason,
 }
 
-/// Writes a flow event; when the ring buffer is full, counts it as lost.
-#[inline(always)]
+/// Writes a flow event, built in `slot` and copied into the ring buffer with
+/// one helper call; when the ring buffer is full, counts it as lost.
 /// `tuple` is `None` for packets dropped before their headers were read.
-pub fn emit(tuple: Option<&Tuple>, info: &EventInfo) {
-    let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(0) else {
-        if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
-            unsafe { *lost += 1 };
+#[inline(always)]
+pub fn emit(slot: &mut FlowEvent, tuple: Option<&Tuple>, info: &EventInfo) {
+    let ev = slot;
+    ev.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    match tuple {
+        Some(tuple) => {
+            addr::copy(&mut ev.src_addr, &tuple.src);
+            addr::copy(&mut ev.dst_addr, &tuple.dst);
+            ev.src_port = tuple.sport;
+            ev.dst_port = tuple.dport;
+            ev.protocol = tuple.protocol;
         }
-        return;
-    };
-    let ev = entry.as_mut_ptr();
-    unsafe {
-        (*ev).timestamp_ns = bpf_ktime_get_ns();
-        match tuple {
-            Some(tuple) => {
-                addr::copy(&mut (*ev).src_addr, &tuple.src);
-                addr::copy(&mut (*ev).dst_addr, &tuple.dst);
-                (*ev).src_port = tuple.sport;
-                (*ev).dst_port = tuple.dport;
-                (*ev).protocol = tuple.protocol;
-            }
-            None => {
-                addr::zero(&mut (*ev).src_addr);
-                addr::zero(&mut (*ev).dst_addr);
-                (*ev).src_port = 0;
-                (*ev).dst_port = 0;
-                (*ev).protocol = 0;
-            }
+        None => {
+            addr::zero(&mut ev.src_addr);
+            addr::zero(&mut ev.dst_addr);
+            ev.src_port = 0;
+            ev.dst_port = 0;
+            ev.protocol = 0;
         }
-        (*ev).endpoint_id = info.endpoint_id;
-        (*ev).peer_identity = info.peer_identity;
-        (*ev).peer_cidr_identity = info.peer_cidr_identity;
-        (*ev).rule_id = info.rule_id;
-        (*ev).ifindex = info.ifindex;
-        (*ev).packet_len = info.len;
-        (*ev).direction = info.direction;
-        (*ev).verdict = info.reason.verdict() as u8;
-        (*ev).reason = info.reason as u8;
-        (*ev).family = info.family;
-        (*ev).tcp_flags_or_icmp_type = info.flags_or_type;
-        (*ev)._pad = [0; 3];
     }
-    entry.submit(0);
+    ev.endpoint_id = info.endpoint_id;
+    ev.peer_identity = info.peer_identity;
+    ev.peer_cidr_identity = info.peer_cidr_identity;
+    ev.rule_id = info.rule_id;
+    ev.ifindex = info.ifindex;
+    ev.packet_len = info.len;
+    ev.direction = info.direction;
+    ev.verdict = info.reason.verdict() as u8;
+    ev.reason = info.reason as u8;
+    ev.family = info.family;
+    ev.tcp_flags_or_icmp_type = info.flags_or_type;
+    ev._pad = [0; 3];
+    if FLOW_EVENTS.output::<FlowEvent>(&*ev, 0).is_err()
+        && let Some(lost) = EVENTS_LOST.get_ptr_mut(0)
+    {
+        unsafe { *lost += 1 };
+    }
 }

@@ -56,8 +56,14 @@ fn ingress_key(identity: u32, protocol: u8) -> PolicyKey {
 /// isolation as given.
 fn classifier(egress_isolated: bool) -> Classifier {
     let mut c = Classifier::load().expect("load classifier");
-    let mut flags =
-        EndpointInfo::INGRESS_ISOLATED | EndpointInfo::HAS_IPV4 | EndpointInfo::HAS_IPV6;
+    // Ingress has entries keyed by ANY and by CIDR identities, egress by ANY
+    // (added by some tests), as the compiler would flag them.
+    let mut flags = EndpointInfo::INGRESS_ISOLATED
+        | EndpointInfo::INGRESS_ANY_PEER
+        | EndpointInfo::INGRESS_CIDR_PEER
+        | EndpointInfo::EGRESS_ANY_PEER
+        | EndpointInfo::HAS_IPV4
+        | EndpointInfo::HAS_IPV6;
     if egress_isolated {
         flags |= EndpointInfo::EGRESS_ISOLATED;
     }

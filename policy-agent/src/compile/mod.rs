@@ -412,6 +412,7 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
         out.policy.insert(key, value);
     }
 
+    mark_peer_kinds(&mut out, ids);
     out.rules = rule_ids.into_map();
     ids.retain(&keys);
     out.diagnostics = diagnostics;
@@ -664,5 +665,24 @@ impl RulePlan {
                 },
             }
         }
+    }
+}
+
+/// Sets each endpoint's ANY/CIDR peer flags from its policy entries, so the
+/// classifier skips lookups that cannot hit.
+fn mark_peer_kinds(out: &mut Desired, ids: &IdentityAllocator) {
+    let mut flags: BTreeMap<u32, u32> = BTreeMap::new();
+    for key in out.policy.keys() {
+        let flag = if key.identity == reserved::ANY {
+            EndpointInfo::any_peer_flag(key.direction)
+        } else if matches!(ids.key(key.identity), Some(IdentityKey::Cidr(_))) {
+            EndpointInfo::cidr_peer_flag(key.direction)
+        } else {
+            continue;
+        };
+        *flags.entry(key.endpoint_id).or_default() |= flag;
+    }
+    for info in out.endpoints.values_mut() {
+        info.flags |= flags.get(&info.endpoint_id).copied().unwrap_or(0);
     }
 }

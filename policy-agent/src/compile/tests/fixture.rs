@@ -97,7 +97,7 @@ pub fn endpoint_verdict(
     let info = resolve_peer(desired, peer);
     Some(allowing_rule(
         |k| desired.policy.get(k),
-        endpoint.endpoint_id,
+        endpoint,
         direction as u8,
         &info,
         protocol,
