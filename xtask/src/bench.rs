@@ -21,9 +21,19 @@ pub struct Options {
 pub fn run(opts: &Options) -> Result<()> {
     util::require_root("cargo xtask bench")?;
     build_ebpf::run(&build_ebpf::Options::default())?;
-    cmd!(util::cargo(), "run", "--release", "--quiet", "-p", "palisade-tests", "--bin", "palisade-bench", "--")
-        .arg(&opts.name)
-        .args(&opts.args)
-        .current_dir(util::workspace_root())
-        .run()
+    cmd!(
+        util::cargo(),
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "palisade-tests",
+        "--bin",
+        "palisade-bench",
+        "--"
+    )
+    .arg(&opts.name)
+    .args(&opts.args)
+    .current_dir(util::workspace_root())
+    .run()
 }

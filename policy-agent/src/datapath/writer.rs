@@ -47,7 +47,11 @@ fn diff<K: Ord + Clone, V: PartialEq + Clone>(
         .filter(|(k, v)| current.get(*k) != Some(*v))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let removes = current.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+    let removes = current
+        .keys()
+        .filter(|k| !desired.contains_key(*k))
+        .cloned()
+        .collect();
     (writes, removes)
 }
 
@@ -56,8 +60,11 @@ fn diff<K: Ord + Clone, V: PartialEq + Clone>(
 pub fn apply(dp: &mut Datapath, desired: &Desired) -> Result<SyncStats, DatapathError> {
     let mut stats = SyncStats::default();
 
-    let current_policy: BTreeMap<PolicyKey, PolicyValue> =
-        dp.policy()?.iter().collect::<Result<_, _>>().map_err(map_err(names::POLICY))?;
+    let current_policy: BTreeMap<PolicyKey, PolicyValue> = dp
+        .policy()?
+        .iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(names::POLICY))?;
     let current_peers: BTreeMap<Addr, PeerInfo> = dp
         .peer_ips()?
         .iter()
@@ -70,8 +77,11 @@ pub fn apply(dp: &mut Datapath, desired: &Desired) -> Result<SyncStats, Datapath
         .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
         .collect::<Result<_, _>>()
         .map_err(map_err(names::PEER_CIDRS))?;
-    let current_endpoints: BTreeMap<u32, EndpointInfo> =
-        dp.endpoints()?.iter().collect::<Result<_, _>>().map_err(map_err(names::ENDPOINTS))?;
+    let current_endpoints: BTreeMap<u32, EndpointInfo> = dp
+        .endpoints()?
+        .iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(names::ENDPOINTS))?;
 
     let (policy_writes, policy_removes) = diff(&current_policy, &desired.policy);
     let (peer_writes, peer_removes) = diff(&current_peers, &desired.peer_ips);
@@ -111,25 +121,37 @@ pub fn apply(dp: &mut Datapath, desired: &Desired) -> Result<SyncStats, Datapath
     {
         let mut peers = dp.peer_ips()?;
         for (addr, v) in &peer_writes {
-            peers.insert(PeerIpKey { addr: *addr }, v, 0).map_err(map_err(names::PEER_IPS))?;
+            peers
+                .insert(PeerIpKey { addr: *addr }, v, 0)
+                .map_err(map_err(names::PEER_IPS))?;
         }
     }
     {
         // A new endpoint gets its epoch before it can be found.
         let mut epochs = dp.epochs()?;
         for (_, e) in &endpoint_writes {
-            if epochs.get(&e.endpoint_id, 0).map_err(map_err(names::EPOCHS))? == 0 {
-                epochs.set(e.endpoint_id, 1, 0).map_err(map_err(names::EPOCHS))?;
+            if epochs
+                .get(&e.endpoint_id, 0)
+                .map_err(map_err(names::EPOCHS))?
+                == 0
+            {
+                epochs
+                    .set(e.endpoint_id, 1, 0)
+                    .map_err(map_err(names::EPOCHS))?;
             }
         }
     }
     {
         let mut endpoints = dp.endpoints()?;
         for (ifindex, e) in &endpoint_writes {
-            endpoints.insert(ifindex, e, 0).map_err(map_err(names::ENDPOINTS))?;
+            endpoints
+                .insert(ifindex, e, 0)
+                .map_err(map_err(names::ENDPOINTS))?;
         }
         for ifindex in &endpoint_removes {
-            endpoints.remove(ifindex).map_err(map_err(names::ENDPOINTS))?;
+            endpoints
+                .remove(ifindex)
+                .map_err(map_err(names::ENDPOINTS))?;
         }
     }
     {
@@ -146,7 +168,9 @@ pub fn apply(dp: &mut Datapath, desired: &Desired) -> Result<SyncStats, Datapath
     {
         let mut peers = dp.peer_ips()?;
         for addr in &peer_removes {
-            peers.remove(&PeerIpKey { addr: *addr }).map_err(map_err(names::PEER_IPS))?;
+            peers
+                .remove(&PeerIpKey { addr: *addr })
+                .map_err(map_err(names::PEER_IPS))?;
         }
     }
     {
@@ -174,7 +198,8 @@ pub fn apply(dp: &mut Datapath, desired: &Desired) -> Result<SyncStats, Datapath
         }
     }
 
-    stats.written = policy_writes.len() + peer_writes.len() + cidr_writes.len() + endpoint_writes.len();
+    stats.written =
+        policy_writes.len() + peer_writes.len() + cidr_writes.len() + endpoint_writes.len();
     stats.removed =
         policy_removes.len() + peer_removes.len() + cidr_removes.len() + endpoint_removes.len();
     Ok(stats)
