@@ -24,6 +24,7 @@ pub mod names {
     pub const PROG_FROM_POD: &str = "palisade_from_pod";
     pub const PROG_TO_POD: &str = "palisade_to_pod";
     pub const PROG_NOOP: &str = "palisade_noop";
+    pub const PROG_JIFFIES: &str = "palisade_jiffies";
 
     pub const ENDPOINTS: &str = "PALISADE_ENDPOINTS";
     pub const EPOCHS: &str = "PALISADE_EPOCHS";
@@ -35,4 +36,5 @@ pub mod names {
     pub const FLOW_EVENTS: &str = "PALISADE_FLOW_EVENTS";
     pub const VERDICT_STATS: &str = "PALISADE_VERDICT_STATS";
     pub const EVENTS_LOST: &str = "PALISADE_EVENTS_LOST";
+    pub const CONFIG: &str = "PALISADE_CONFIG";
 }

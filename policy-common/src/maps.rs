@@ -224,8 +224,8 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_coarse_ns` of the last refresh; refreshed at most once a second.
-    pub last_seen_ns: u64,
+    /// `bpf_jiffies64` at the last refresh; refreshed at most once a second.
+    pub last_seen: u64,
     /// Rule that allowed the connection (0 when not isolated or from the node).
     pub rule_id: u32,
     /// [`EPOCHS`](crate::names::EPOCHS) of the endpoint at the last verdict; a
@@ -258,17 +258,35 @@ pub mod ct_flags {
     pub const FIN_FROM_REPLY: u8 = 1 << 2;
 }
 
-/// Connection lifetimes without traffic, in nanoseconds.
+/// Connection lifetimes without traffic, in seconds. The classifier keeps
+/// time in jiffies (`bpf_jiffies64`, which the verifier inlines into one load,
+/// where a clock helper call costs tens of nanoseconds); [`Config::hz`]
+/// converts.
 pub mod ct_timeout {
-    const SEC: u64 = 1_000_000_000;
-    pub const TCP_SYN: u64 = 60 * SEC;
-    pub const TCP_ESTABLISHED: u64 = 6 * 3600 * SEC;
-    pub const TCP_CLOSING: u64 = 10 * SEC;
-    pub const UDP: u64 = 120 * SEC;
-    pub const OTHER: u64 = 60 * SEC;
-    /// Refresh `last_seen_ns` only when it is older than this, to keep
+    pub const TCP_SYN: u64 = 60;
+    pub const TCP_ESTABLISHED: u64 = 6 * 3600;
+    pub const TCP_CLOSING: u64 = 10;
+    pub const UDP: u64 = 120;
+    pub const OTHER: u64 = 60;
+    /// Refresh `last_seen` only when it is older than this, to keep
     /// established packets from writing shared memory every time.
-    pub const REFRESH: u64 = SEC;
+    pub const REFRESH: u64 = 1;
+}
+
+/// Value of [`CONFIG`](crate::names::CONFIG), an array of one element written
+/// by the agent when it loads the classifier.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Jiffies per second of the running kernel (its `CONFIG_HZ`), measured
+    /// by the agent. 0 until written: the classifier then assumes
+    /// [`Config::FALLBACK_HZ`], the highest common value, so lifetimes can
+    /// only come out longer, never shorter.
+    pub hz: u64,
+}
+
+impl Config {
+    pub const FALLBACK_HZ: u64 = 1000;
 }
 
 /// Key of [`FRAGMENTS`](crate::names::FRAGMENTS): one datagram being fragmented.
@@ -329,6 +347,7 @@ const _: () = {
     assert!(size_of::<FragKey>() == 44);
     assert!(size_of::<FragEntry>() == 8);
     assert!(size_of::<VerdictCounter>() == 16);
+    assert!(size_of::<Config>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -346,5 +365,6 @@ mod pod_impls {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragEntry {}
     unsafe impl aya::Pod for VerdictCounter {}
+    unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for crate::FlowEvent {}
 }

@@ -8,7 +8,6 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_coarse_ns,
     programs::TcContext,
 };
 use policy_common::{
@@ -18,7 +17,9 @@ use policy_common::{
 
 use crate::{
     addr,
-    conntrack::{Update, current_epoch, is_expired, is_tcp_open, key_for, opening_dport, track},
+    conntrack::{
+        Clock, Update, current_epoch, is_expired, is_tcp_open, key_for, opening_dport, track,
+    },
     maps::{CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
     parse::{Fragment, IcmpKind, Packet, Parsed, Tuple, parse},
     policy::{judge, resolve_peer},
@@ -79,7 +80,7 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
     let Scratch { packet, event } = unsafe { &mut *scratch };
     let parsed = parse(ctx, packet);
 
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let clock = Clock::read();
     let mut tracked = None;
     if let Parsed::Ip = parsed
         && !matches!(packet.fragment, Fragment::Later { .. })
@@ -89,12 +90,12 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
         let key = key_for(ifindex, &packet.tuple, direction);
         if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
             let entry = unsafe { &mut *entry };
-            if !is_expired(entry, key.protocol, now) {
+            if !is_expired(entry, key.protocol, &clock) {
                 if entry.epoch == current_epoch(entry.endpoint_id)
                     && entry.state != ct_state::REVOKED
                 {
                     if let Update::Remove =
-                        track(entry, direction, key.protocol, packet.flags_or_type, now)
+                        track(entry, direction, key.protocol, packet.flags_or_type, &clock)
                     {
                         let _ = CONNTRACK.remove(&key);
                     }
@@ -130,8 +131,8 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
         return drop_unparsed(event, ifindex, ep.endpoint_id, direction, len, reason);
     }
     let outcome = match tracked {
-        Some((key, entry)) => rejudge(ep, direction, &key, entry, packet.flags_or_type, now),
-        None => decide(ifindex, ep, direction, packet, now),
+        Some((key, entry)) => rejudge(ep, direction, &key, entry, packet.flags_or_type, &clock),
+        None => decide(ifindex, ep, direction, packet, &clock),
     };
     let tuple = &packet.tuple;
     let allowed = outcome.reason.verdict() == Verdict::Allowed;
@@ -170,7 +171,7 @@ fn decide(
     ep: &EndpointInfo,
     direction: Direction,
     packet: &mut Packet,
-    now: u64,
+    clock: &Clock,
 ) -> Outcome {
     if direction == Direction::Egress && !owns_source(ep, packet) {
         return Outcome::dropped(Reason::DroppedSpoofedSource);
@@ -183,7 +184,7 @@ fn decide(
         let key = key_for(ifindex, &packet.inner, reverse(direction));
         if let Some(entry) = unsafe { CONNTRACK.get(&key) }
             && entry.state != ct_state::REVOKED
-            && !is_expired(entry, key.protocol, now)
+            && !is_expired(entry, key.protocol, clock)
         {
             return Outcome::quiet(Reason::AllowedRelated, entry.rule_id, entry.peer_identity);
         }
@@ -205,7 +206,7 @@ fn decide(
             return Outcome::quiet(Reason::AllowedStateless, judgement.rule_id, peer.identity);
         }
         let entry = CtEntry {
-            last_seen_ns: now,
+            last_seen: clock.now,
             rule_id: judgement.rule_id,
             epoch: current_epoch(ep.endpoint_id),
             endpoint_id: ep.endpoint_id,
@@ -236,7 +237,7 @@ fn rejudge(
     key: &CtKey,
     entry: &mut CtEntry,
     tcp_flags: u8,
-    now: u64,
+    clock: &Clock,
 ) -> Outcome {
     let epoch = current_epoch(ep.endpoint_id);
     if entry.epoch != epoch {
@@ -269,7 +270,7 @@ fn rejudge(
         outcome.peer.identity = entry.peer_identity;
         return outcome;
     }
-    if let Update::Remove = track(entry, direction, key.protocol, tcp_flags, now) {
+    if let Update::Remove = track(entry, direction, key.protocol, tcp_flags, clock) {
         let _ = CONNTRACK.remove(key);
     }
     Outcome::quiet(

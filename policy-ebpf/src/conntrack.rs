@@ -1,11 +1,12 @@
 //! Connection tracking: one entry per (endpoint, connection), keyed so both
 //! directions find it with a single lookup.
 
-use policy_common::{CtEntry, CtKey, Direction, ct_flags, ct_state, ct_timeout, proto};
+use aya_ebpf::helpers::bpf_jiffies64;
+use policy_common::{Config, CtEntry, CtKey, Direction, ct_flags, ct_state, ct_timeout, proto};
 
 use crate::{
     addr,
-    maps::EPOCHS,
+    maps::{CONFIG, EPOCHS},
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple},
 };
 
@@ -49,8 +50,35 @@ pub fn opening_dport(key: &CtKey, origin: u8) -> u16 {
     }
 }
 
+/// Now, in jiffies, and the jiffies in a second.
+#[derive(Clone, Copy)]
+pub struct Clock {
+    pub now: u64,
+    pub hz: u64,
+}
+
+impl Clock {
+    #[inline(always)]
+    pub fn read() -> Self {
+        let hz = match CONFIG.get(0) {
+            Some(config) if config.hz != 0 => config.hz,
+            _ => Config::FALLBACK_HZ,
+        };
+        Clock {
+            now: unsafe { bpf_jiffies64() },
+            hz,
+        }
+    }
+
+    /// Whether more than `seconds` passed since `then`.
+    #[inline(always)]
+    fn older_than(&self, then: u64, seconds: u64) -> bool {
+        self.now.wrapping_sub(then) > seconds * self.hz
+    }
+}
+
 #[inline(always)]
-pub fn is_expired(entry: &CtEntry, protocol: u8, now: u64) -> bool {
+pub fn is_expired(entry: &CtEntry, protocol: u8, clock: &Clock) -> bool {
     let timeout = match protocol {
         proto::TCP => {
             if entry.state == ct_state::CLOSING {
@@ -64,7 +92,7 @@ pub fn is_expired(entry: &CtEntry, protocol: u8, now: u64) -> bool {
         proto::UDP => ct_timeout::UDP,
         _ => ct_timeout::OTHER,
     };
-    now.wrapping_sub(entry.last_seen_ns) > timeout
+    clock.older_than(entry.last_seen, timeout)
 }
 
 /// A TCP segment that opens a connection: SYN without ACK.
@@ -89,7 +117,7 @@ pub fn track(
     direction: Direction,
     protocol: u8,
     tcp_flags: u8,
-    now: u64,
+    clock: &Clock,
 ) -> Update {
     let from_origin = entry.origin == direction as u8;
     let mut flags = entry.flags;
@@ -116,8 +144,8 @@ pub fn track(
     if flags != entry.flags {
         entry.flags = flags;
     }
-    if now.wrapping_sub(entry.last_seen_ns) > ct_timeout::REFRESH {
-        entry.last_seen_ns = now;
+    if clock.older_than(entry.last_seen, ct_timeout::REFRESH) {
+        entry.last_seen = clock.now;
     }
     Update::Keep
 }

@@ -37,6 +37,13 @@ pub fn palisade_noop(_ctx: TcContext) -> i32 {
     classify::PASS
 }
 
+/// Returns the low 32 bits of `bpf_jiffies64`: run twice with
+/// BPF_PROG_TEST_RUN, it lets the agent measure the kernel's HZ.
+#[classifier]
+pub fn palisade_jiffies(_ctx: TcContext) -> i32 {
+    unsafe { aya_ebpf::helpers::bpf_jiffies64() as i32 }
+}
+
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

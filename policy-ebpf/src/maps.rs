@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use policy_common::{
-    CtEntry, CtKey, EndpointInfo, FragEntry, FragKey, PeerCidrData, PeerInfo, PeerIpKey, PolicyKey,
-    PolicyValue, Reason, VerdictCounter, capacity,
+    Config, CtEntry, CtKey, EndpointInfo, FragEntry, FragKey, PeerCidrData, PeerInfo, PeerIpKey,
+    PolicyKey, PolicyValue, Reason, VerdictCounter, capacity,
 };
 
 /// Hash maps that are written rarely and can be large allocate on update.
@@ -22,6 +22,10 @@ pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::END
 /// established packet checks it without a hash lookup.
 #[map(name = "PALISADE_EPOCHS")]
 pub static EPOCHS: Array<u32> = Array::pinned(capacity::ENDPOINTS, 0);
+
+/// Settings the agent writes at load time (the kernel's HZ).
+#[map(name = "PALISADE_CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 /// Exact addresses of pods and of the node.
 #[map(name = "PALISADE_PEER_IPS")]

@@ -818,3 +818,35 @@ fn counters_count_packets_and_bytes_by_reason() {
     assert_eq!(delta(Reason::DeniedByPolicy), (2, 2 * denied.len() as u64));
     assert_eq!(c.datapath.events_lost().unwrap(), 0);
 }
+
+#[test]
+fn idle_connections_expire() {
+    let mut c = classifier(true);
+    let hz = c.datapath.config().unwrap().get(&0, 0).unwrap().hz;
+    assert!([100, 250, 300, 1000].contains(&hz), "measured HZ {hz}");
+
+    // A UDP exchange allowed in, then idle for longer than the UDP lifetime:
+    // the pod's late answer is a new egress attempt, which policy denies.
+    expect_allowed(
+        &c.run(Ingress, &packet::udp4(B, 5353, LOCAL, 53)).unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_ANY_DNS,
+        B_ID,
+    );
+    expect_quiet_pass(&c.run(Egress, &packet::udp4(LOCAL, 53, B, 5353)).unwrap());
+    let age = |c: &mut Classifier, seconds: u64| {
+        let mut ct = c.datapath.conntrack().unwrap();
+        let entries: Vec<_> = ct.iter().collect::<Result<_, _>>().unwrap();
+        for (key, mut entry) in entries {
+            entry.last_seen -= seconds * hz;
+            ct.insert(key, entry, 0).unwrap();
+        }
+    };
+    age(&mut c, policy_common::ct_timeout::UDP - 5);
+    expect_quiet_pass(&c.run(Egress, &packet::udp4(LOCAL, 53, B, 5353)).unwrap());
+    age(&mut c, policy_common::ct_timeout::UDP + 5);
+    expect_dropped(
+        &c.run(Egress, &packet::udp4(LOCAL, 53, B, 5353)).unwrap(),
+        Reason::DeniedByPolicy,
+    );
+}

@@ -2,7 +2,7 @@
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use policy_common::{
-    Addr, CtEntry, CtKey, EndpointInfo, FragEntry, FragKey, PeerInfo, PeerIpKey, PolicyKey,
+    Addr, Config, CtEntry, CtKey, EndpointInfo, FragEntry, FragKey, PeerInfo, PeerIpKey, PolicyKey,
     PolicyValue, Reason, VerdictCounter, names,
 };
 
@@ -38,6 +38,7 @@ macro_rules! map_accessor {
 impl Datapath {
     map_accessor!(endpoints, names::ENDPOINTS, HashMap<&mut MapData, u32, EndpointInfo>);
     map_accessor!(epochs, names::EPOCHS, Array<&mut MapData, u32>);
+    map_accessor!(config, names::CONFIG, Array<&mut MapData, Config>);
     map_accessor!(peer_ips, names::PEER_IPS, HashMap<&mut MapData, PeerIpKey, PeerInfo>);
     map_accessor!(peer_cidrs, names::PEER_CIDRS, LpmTrie<&mut MapData, Addr, PeerInfo>);
     map_accessor!(policy, names::POLICY, HashMap<&mut MapData, PolicyKey, PolicyValue>);

@@ -1,5 +1,6 @@
 //! Loading the classifier, attaching it to interfaces, and typed access to its maps.
 
+mod clock;
 mod events;
 mod maps;
 mod object;
@@ -13,7 +14,7 @@ use aya::{
 };
 pub use events::{FlowReader, ReadEvent};
 pub use maps::{PeerCidrKey, cidr_key};
-use policy_common::{Direction, names};
+use policy_common::{Config, Direction, names};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -72,16 +73,30 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(object)?;
-        for name in [names::PROG_FROM_POD, names::PROG_TO_POD, names::PROG_NOOP] {
+        for name in [
+            names::PROG_FROM_POD,
+            names::PROG_TO_POD,
+            names::PROG_NOOP,
+            names::PROG_JIFFIES,
+        ] {
             let program = classifier(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
-        Ok(Self {
+        let mut datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
-        })
+        };
+        let hz = clock::kernel_hz(&mut datapath)?;
+        datapath
+            .config()?
+            .set(0, Config { hz }, 0)
+            .map_err(|source| DatapathError::Map {
+                name: names::CONFIG,
+                source,
+            })?;
+        Ok(datapath)
     }
 
     pub fn pin_dir(&self) -> &Path {
