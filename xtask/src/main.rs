@@ -7,6 +7,7 @@
 
 mod bench;
 mod build_ebpf;
+mod demo;
 mod setup;
 mod test;
 mod util;
@@ -36,6 +37,9 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Build the classifier, then run `cargo test` on the workspace (as root).
     Test(test::Options),
+    /// Build the classifier and run it on the shop microservices in network
+    /// namespaces: allowed and denied connections, the flow log (as root).
+    Demo(demo::Options),
     /// Run a benchmark and print its figures (`datapath`; `--json FILE` to save them).
     Bench(bench::Options),
 }
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Command::Setup(opts) => setup::run(opts),
         Command::BuildEbpf(opts) => build_ebpf::run(opts).map(drop),
         Command::Test(opts) => test::run(opts),
+        Command::Demo(opts) => demo::run(opts),
         Command::Bench(opts) => bench::run(opts),
     };
     match result {
