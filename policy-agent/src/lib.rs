@@ -1,7 +1,9 @@
 //! Palisade node agent library: the datapath loader and map handles, the
 //! policy compiler, and the pieces the binary wires together.
 
+pub mod agent;
 pub mod datapath;
 
 pub mod compile;
 pub mod model;
+pub mod source;
