@@ -2,6 +2,13 @@
 //!
 //! Addresses are 16 bytes everywhere: IPv4 is stored IPv4-mapped
 //! (`::ffff:a.b.c.d`), so one set of maps serves both families.
+//!
+//! The maps a verdict reads (endpoints, peers, CIDRs, policy) hold two
+//! **generations** of their contents, told apart by a `generation` field in
+//! the key. The classifier reads only the generation named by
+//! [`Config::generation`]; the agent writes a change into the other one and
+//! then flips that single word, so a packet sees either the whole old state
+//! or the whole new one, never a mix.
 
 use core::mem::size_of;
 
@@ -44,8 +51,19 @@ pub mod proto {
     pub const SCTP: u8 = 132;
 }
 
-/// Value of [`ENDPOINTS`](crate::names::ENDPOINTS), keyed by the host-side
-/// interface index (`u32`).
+/// Number of generations the verdict maps hold.
+pub const GENERATIONS: u32 = 2;
+
+/// Key of [`ENDPOINTS`](crate::names::ENDPOINTS).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    /// Host-side interface index of the pod's veth.
+    pub ifindex: u32,
+    pub generation: u32,
+}
+
+/// Value of [`ENDPOINTS`](crate::names::ENDPOINTS).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointInfo {
@@ -101,11 +119,36 @@ impl EndpointInfo {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PeerIpKey {
     pub addr: Addr,
+    pub generation: u32,
 }
 
 /// Data part of the [`PEER_CIDRS`](crate::names::PEER_CIDRS) LPM key; the
-/// prefix length precedes it in the trie key.
-pub type PeerCidrData = Addr;
+/// prefix length precedes it in the trie key and counts the generation's 32
+/// bits first: `32 + 96 + n` for an IPv4 `/n`, `32 + n` for an IPv6 `/n`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerCidrData {
+    /// Big-endian, so the trie's first 32 bits are the generation.
+    pub generation_be: [u8; 4],
+    pub addr: Addr,
+}
+
+/// Prefix length the generation adds to every [`PeerCidrData`] key.
+pub const CIDR_GENERATION_BITS: u32 = 32;
+
+impl PeerCidrData {
+    #[inline(always)]
+    pub const fn new(generation: u32, addr: Addr) -> Self {
+        Self {
+            generation_be: generation.to_be_bytes(),
+            addr,
+        }
+    }
+
+    pub const fn generation(&self) -> u32 {
+        u32::from_be_bytes(self.generation_be)
+    }
+}
 
 /// Value of both peer maps.
 #[repr(C)]
@@ -138,10 +181,13 @@ pub struct PolicyKey {
     pub identity: u32,
     pub direction: u8,
     pub protocol: u8,
-    pub _pad: [u8; 2],
+    pub generation: u8,
+    pub _pad: u8,
 }
 
 impl PolicyKey {
+    /// A key of generation 0 (the compiler's output is generation-less; the
+    /// map writer sets the generation it writes).
     #[inline(always)]
     pub const fn new(endpoint_id: u32, identity: u32, direction: u8, protocol: u8) -> Self {
         Self {
@@ -149,7 +195,8 @@ impl PolicyKey {
             identity,
             direction,
             protocol,
-            _pad: [0; 2],
+            generation: 0,
+            _pad: 0,
         }
     }
 }
@@ -283,6 +330,9 @@ pub struct Config {
     /// [`Config::FALLBACK_HZ`], the highest common value, so lifetimes can
     /// only come out longer, never shorter.
     pub hz: u64,
+    /// The generation of the verdict maps the classifier reads (0 or 1).
+    pub generation: u32,
+    pub _pad: u32,
 }
 
 impl Config {
@@ -337,7 +387,9 @@ pub mod capacity {
 
 const _: () = {
     assert!(size_of::<EndpointInfo>() == 32);
-    assert!(size_of::<PeerIpKey>() == 16);
+    assert!(size_of::<EndpointKey>() == 8);
+    assert!(size_of::<PeerIpKey>() == 20);
+    assert!(size_of::<PeerCidrData>() == 20);
     assert!(size_of::<PeerInfo>() == 8);
     assert!(size_of::<PolicyKey>() == 12);
     assert!(size_of::<PortRule>() == 8);
@@ -347,7 +399,7 @@ const _: () = {
     assert!(size_of::<FragKey>() == 44);
     assert!(size_of::<FragEntry>() == 8);
     assert!(size_of::<VerdictCounter>() == 16);
-    assert!(size_of::<Config>() == 8);
+    assert!(size_of::<Config>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -356,7 +408,9 @@ mod pod_impls {
     // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays,
     // with every padding byte an explicit field, so any bit pattern is valid.
     unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for PeerIpKey {}
+    unsafe impl aya::Pod for PeerCidrData {}
     unsafe impl aya::Pod for PeerInfo {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}

@@ -15,6 +15,7 @@ pub fn allowing_rule<'a, F>(
     lookup: F,
     endpoint: &EndpointInfo,
     direction: u8,
+    generation: u8,
     peer: &PeerInfo,
     protocol: u8,
     dport: u16,
@@ -27,6 +28,7 @@ where
         _ => (proto::OTHER, 0),
     };
     let mut key = PolicyKey::new(endpoint.endpoint_id, peer.identity, direction, protocol);
+    key.generation = generation;
     if let Some(rule) = lookup(&key).and_then(|v| v.rule_for_port(dport)) {
         return Some(rule);
     }

@@ -5,7 +5,7 @@
 //! copies sits at a 4-aligned offset of a 4-aligned struct (see the layouts in
 //! policy-common), so it is moved as four words instead.
 
-use policy_common::{Addr, PeerIpKey};
+use policy_common::{Addr, PeerCidrData};
 
 #[inline(always)]
 fn words(a: &Addr) -> *const u32 {
@@ -48,18 +48,10 @@ pub fn eq(a: &Addr, b: &Addr) -> bool {
     }
 }
 
-/// The peer map key for `addr`, without copying it: `PeerIpKey` is a
-/// `#[repr(C)]` wrapper of one `Addr`.
-#[inline(always)]
-pub fn as_peer_key(addr: &Addr) -> &PeerIpKey {
-    // SAFETY: same size and layout; PeerIpKey's alignment is 1.
-    unsafe { &*(addr as *const Addr).cast::<PeerIpKey>() }
-}
-
-/// An LPM trie key laid out as aya's (packed) `lpm_trie::Key<Addr>`, but
-/// 4-aligned so the address moves as words.
+/// An LPM trie key laid out as aya's (packed) `lpm_trie::Key<PeerCidrData>`,
+/// but 4-aligned so the address moves as words.
 #[repr(C, align(4))]
 pub struct LpmKey {
     pub prefix_len: u32,
-    pub data: Addr,
+    pub data: PeerCidrData,
 }

@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use policy_common::{
-    Addr, CtEntry, CtKey, Direction, EndpointInfo, FlowEvent, FragEntry, FragKey, PeerInfo, Reason,
-    Verdict, ct_state, identity, proto,
+    Addr, CtEntry, CtKey, Direction, EndpointInfo, EndpointKey, FlowEvent, FragEntry, FragKey,
+    PeerInfo, Reason, Verdict, ct_state, identity, proto,
 };
 
 use crate::{
@@ -20,7 +20,7 @@ use crate::{
     conntrack::{
         Clock, Update, current_epoch, is_expired, is_tcp_open, key_for, opening_dport, track,
     },
-    maps::{CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
+    maps::{CONFIG, CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
     parse::{Fragment, IcmpKind, Packet, Parsed, Tuple, parse},
     policy::{judge, resolve_peer},
     report::{EventInfo, count, emit},
@@ -80,7 +80,12 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
     let Scratch { packet, event } = unsafe { &mut *scratch };
     let parsed = parse(ctx, packet);
 
-    let clock = Clock::read();
+    let config = CONFIG.get(0);
+    let clock = Clock::read(config);
+    let generation = match config {
+        Some(config) => config.generation,
+        None => 0,
+    };
     let mut tracked = None;
     if let Parsed::Ip = parsed
         && !matches!(packet.fragment, Fragment::Later { .. })
@@ -107,7 +112,11 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
         }
     }
 
-    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
+    let endpoint_key = EndpointKey {
+        ifindex,
+        generation,
+    };
+    let Some(ep) = (unsafe { ENDPOINTS.get(&endpoint_key) }) else {
         return drop_unparsed(
             event,
             ifindex,
@@ -131,8 +140,16 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
         return drop_unparsed(event, ifindex, ep.endpoint_id, direction, len, reason);
     }
     let outcome = match tracked {
-        Some((key, entry)) => rejudge(ep, direction, &key, entry, packet.flags_or_type, &clock),
-        None => decide(ifindex, ep, direction, packet, &clock),
+        Some((key, entry)) => rejudge(
+            ep,
+            direction,
+            generation,
+            &key,
+            entry,
+            packet.flags_or_type,
+            &clock,
+        ),
+        None => decide(ifindex, ep, direction, generation, packet, &clock),
     };
     let tuple = &packet.tuple;
     let allowed = outcome.reason.verdict() == Verdict::Allowed;
@@ -170,6 +187,7 @@ fn decide(
     ifindex: u32,
     ep: &EndpointInfo,
     direction: Direction,
+    generation: u32,
     packet: &mut Packet,
     clock: &Clock,
 ) -> Outcome {
@@ -194,8 +212,8 @@ fn decide(
     let tuple = &packet.tuple;
     let protocol = tuple.protocol;
     let opens_tcp = is_tcp_open(protocol, packet.flags_or_type);
-    let peer = resolve_peer(peer_addr(tuple, direction));
-    let judgement = judge(ep, direction, &peer, protocol, tuple.dport);
+    let peer = resolve_peer(peer_addr(tuple, direction), generation);
+    let judgement = judge(ep, direction, generation, &peer, protocol, tuple.dport);
     let opens = match protocol {
         proto::TCP => opens_tcp,
         proto::ICMP | proto::ICMPV6 => packet.icmp == IcmpKind::EchoRequest,
@@ -234,6 +252,7 @@ fn decide(
 fn rejudge(
     ep: &EndpointInfo,
     direction: Direction,
+    generation: u32,
     key: &CtKey,
     entry: &mut CtEntry,
     tcp_flags: u8,
@@ -246,10 +265,11 @@ fn rejudge(
         } else {
             Direction::Ingress
         };
-        let peer = resolve_peer(&key.peer_addr);
+        let peer = resolve_peer(&key.peer_addr, generation);
         let judgement = judge(
             ep,
             origin,
+            generation,
             &peer,
             key.protocol,
             opening_dport(key, entry.origin),

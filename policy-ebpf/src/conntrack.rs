@@ -6,7 +6,7 @@ use policy_common::{Config, CtEntry, CtKey, Direction, ct_flags, ct_state, ct_ti
 
 use crate::{
     addr,
-    maps::{CONFIG, EPOCHS},
+    maps::EPOCHS,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple},
 };
 
@@ -59,8 +59,8 @@ pub struct Clock {
 
 impl Clock {
     #[inline(always)]
-    pub fn read() -> Self {
-        let hz = match CONFIG.get(0) {
+    pub fn read(config: Option<&Config>) -> Self {
+        let hz = match config {
             Some(config) if config.hz != 0 => config.hz,
             _ => Config::FALLBACK_HZ,
         };

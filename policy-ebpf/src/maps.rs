@@ -6,16 +6,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use policy_common::{
-    Config, CtEntry, CtKey, EndpointInfo, FragEntry, FragKey, PeerCidrData, PeerInfo, PeerIpKey,
-    PolicyKey, PolicyValue, Reason, VerdictCounter, capacity,
+    Config, CtEntry, CtKey, EndpointInfo, EndpointKey, FragEntry, FragKey, GENERATIONS,
+    PeerCidrData, PeerInfo, PeerIpKey, PolicyKey, PolicyValue, Reason, VerdictCounter, capacity,
 };
 
 /// Hash maps that are written rarely and can be large allocate on update.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-/// Host-side ifindex -> endpoint.
+/// (host-side ifindex, generation) -> endpoint.
 #[map(name = "PALISADE_ENDPOINTS")]
-pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> =
+    HashMap::pinned(capacity::ENDPOINTS * GENERATIONS, 0);
 
 /// Endpoint id -> policy epoch. The agent bumps an endpoint's epoch whenever
 /// a verdict of it may change; 0 means the endpoint is gone. An array, so an

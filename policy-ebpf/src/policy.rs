@@ -2,7 +2,8 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
-    Addr, Direction, EndpointInfo, PeerInfo, Reason, identity, verdict::allowing_rule,
+    Addr, CIDR_GENERATION_BITS, Direction, EndpointInfo, PeerCidrData, PeerInfo, PeerIpKey, Reason,
+    identity, verdict::allowing_rule,
 };
 
 use crate::{
@@ -12,17 +13,22 @@ use crate::{
 
 /// Pods and the node by exact address, then ipBlock prefixes, else the world.
 #[inline(always)]
-pub fn resolve_peer(addr: &Addr) -> PeerInfo {
-    if let Some(info) = unsafe { PEER_IPS.get(addr::as_peer_key(addr)) } {
+pub fn resolve_peer(addr: &Addr, generation: u32) -> PeerInfo {
+    let mut exact = PeerIpKey {
+        addr: [0; 16],
+        generation,
+    };
+    addr::copy(&mut exact.addr, addr);
+    if let Some(info) = unsafe { PEER_IPS.get(&exact) } {
         return *info;
     }
     let mut key = LpmKey {
-        prefix_len: 128,
-        data: [0; 16],
+        prefix_len: CIDR_GENERATION_BITS + 128,
+        data: PeerCidrData::new(generation, [0; 16]),
     };
-    addr::copy(&mut key.data, addr);
-    // SAFETY: LpmKey has the layout of aya's packed Key<Addr> (alignment 1).
-    let key = unsafe { &*(&key as *const LpmKey).cast::<Key<Addr>>() };
+    addr::copy(&mut key.data.addr, addr);
+    // SAFETY: LpmKey has the layout of aya's packed Key<PeerCidrData> (alignment 1).
+    let key = unsafe { &*(&key as *const LpmKey).cast::<Key<PeerCidrData>>() };
     let cidr_identity = match PEER_CIDRS.get(key) {
         Some(info) => info.cidr_identity,
         None => identity::ANY,
@@ -43,6 +49,7 @@ pub struct Judgement {
 pub fn judge(
     ep: &EndpointInfo,
     direction: Direction,
+    generation: u32,
     peer: &PeerInfo,
     protocol: u8,
     dport: u16,
@@ -66,7 +73,15 @@ pub fn judge(
         };
     }
     let lookup = |key: &_| unsafe { POLICY.get(key) };
-    match allowing_rule(lookup, ep, direction as u8, peer, protocol, dport) {
+    match allowing_rule(
+        lookup,
+        ep,
+        direction as u8,
+        generation as u8,
+        peer,
+        protocol,
+        dport,
+    ) {
         Some(rule_id) => Judgement {
             reason: Reason::AllowedByPolicy,
             rule_id,

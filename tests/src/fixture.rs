@@ -9,13 +9,18 @@ use std::{
 use anyhow::{Context as _, Result};
 use policy_agent::datapath::{Datapath, FlowReader, ReadEvent, action, cidr_key};
 use policy_common::{
-    Addr, Direction, EndpointInfo, FlowEvent, PeerInfo, PeerIpKey, PolicyKey, PolicyValue,
-    PortRule, Reason, event::DecodedCodes, v4_mapped,
+    Addr, Direction, EndpointInfo, EndpointKey, FlowEvent, PeerInfo, PeerIpKey, PolicyKey,
+    PolicyValue, PortRule, Reason, event::DecodedCodes, v4_mapped,
 };
 
 /// The interface test runs pretend to cross: the loopback device, which
 /// BPF_PROG_TEST_RUN uses when no other is named.
 pub const TEST_IFINDEX: u32 = 1;
+
+const ENDPOINT_KEY: EndpointKey = EndpointKey {
+    ifindex: TEST_IFINDEX,
+    generation: 0,
+};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -75,17 +80,23 @@ impl Classifier {
     }
 
     /// Registers the endpoint behind [`TEST_IFINDEX`], at epoch 1 unless it has one.
+    ///
+    /// The fixture writes generation 0, which the classifier reads until a map
+    /// writer switches it.
     pub fn set_endpoint(&mut self, info: EndpointInfo) -> Result<()> {
         let mut epochs = self.datapath.epochs()?;
         if epochs.get(&info.endpoint_id, 0)? == 0 {
             epochs.set(info.endpoint_id, 1, 0)?;
         }
-        self.datapath.endpoints()?.insert(TEST_IFINDEX, info, 0)?;
+        self.datapath.endpoints()?.insert(ENDPOINT_KEY, info, 0)?;
         Ok(())
     }
 
     pub fn set_peer(&mut self, ip: IpAddr, identity: u32, cidr_identity: u32) -> Result<()> {
-        let key = PeerIpKey { addr: addr(ip) };
+        let key = PeerIpKey {
+            addr: addr(ip),
+            generation: 0,
+        };
         self.datapath.peer_ips()?.insert(
             key,
             PeerInfo {
@@ -104,7 +115,7 @@ impl Classifier {
         };
         self.datapath
             .peer_cidrs()?
-            .insert(&cidr_key(ip, prefix_len), info, 0)?;
+            .insert(&cidr_key(ip, prefix_len, 0), info, 0)?;
         Ok(())
     }
 
@@ -123,7 +134,7 @@ impl Classifier {
         let endpoint_id = self
             .datapath
             .endpoints()?
-            .get(&TEST_IFINDEX, 0)?
+            .get(&ENDPOINT_KEY, 0)?
             .endpoint_id;
         let mut epochs = self.datapath.epochs()?;
         let epoch = epochs.get(&endpoint_id, 0)?;

@@ -27,8 +27,8 @@ use palisade_tests::{
 };
 use policy_agent::datapath::{Datapath, FlowReader};
 use policy_common::{
-    CtKey, Direction, EndpointInfo, FlowEvent, PeerInfo, PeerIpKey, PolicyKey, Reason, Verdict,
-    ct_state, event::DecodedCodes, identity, proto,
+    CtKey, Direction, EndpointInfo, EndpointKey, FlowEvent, PeerInfo, PeerIpKey, PolicyKey, Reason,
+    Verdict, ct_state, event::DecodedCodes, identity, proto,
 };
 
 const A4: Ipv4Addr = Ipv4Addr::new(10, 201, 1, 2);
@@ -173,7 +173,16 @@ impl Env {
                 identity: id,
                 cidr_identity: identity::ANY,
             };
-            peers.insert(PeerIpKey { addr: addr(ip) }, info, 0).unwrap();
+            peers
+                .insert(
+                    PeerIpKey {
+                        addr: addr(ip),
+                        generation: 0,
+                    },
+                    info,
+                    0,
+                )
+                .unwrap();
         }
 
         let mut endpoints = dp.endpoints().unwrap();
@@ -188,7 +197,11 @@ impl Env {
                 ipv4: pod.ip4.octets(),
                 ipv6: pod.ip6.unwrap().octets(),
             };
-            endpoints.insert(pod.host_ifindex, info, 0).unwrap();
+            let key = EndpointKey {
+                ifindex: pod.host_ifindex,
+                generation: 0,
+            };
+            endpoints.insert(key, info, 0).unwrap();
         }
     }
 

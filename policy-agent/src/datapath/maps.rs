@@ -2,24 +2,29 @@
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use policy_common::{
-    Addr, Config, CtEntry, CtKey, EndpointInfo, FragEntry, FragKey, PeerInfo, PeerIpKey, PolicyKey,
-    PolicyValue, Reason, VerdictCounter, names,
+    Config, CtEntry, CtKey, EndpointInfo, EndpointKey, FragEntry, FragKey, PeerCidrData, PeerInfo,
+    PeerIpKey, PolicyKey, PolicyValue, Reason, VerdictCounter, names,
 };
 
 use super::{Datapath, DatapathError};
 
-/// Key of the ipBlock prefix trie: prefix length in the 128-bit space, address.
-pub type PeerCidrKey = Key<Addr>;
+/// Key of the ipBlock prefix trie.
+pub type PeerCidrKey = Key<PeerCidrData>;
 
-/// The trie key for `addr/prefix_len` (IPv4 given IPv4-mapped, length in IPv4 bits).
-pub fn cidr_key(addr: std::net::IpAddr, prefix_len: u8) -> PeerCidrKey {
-    match addr {
-        std::net::IpAddr::V4(v4) => Key::new(
+/// The trie key for `addr/prefix_len` in generation `generation` (IPv4 given
+/// as such, its length in IPv4 bits).
+pub fn cidr_key(addr: std::net::IpAddr, prefix_len: u8, generation: u32) -> PeerCidrKey {
+    let (len, addr) = match addr {
+        std::net::IpAddr::V4(v4) => (
             u32::from(prefix_len) + policy_common::V4_MAPPED_PREFIX_LEN,
             policy_common::v4_mapped(v4.octets()),
         ),
-        std::net::IpAddr::V6(v6) => Key::new(u32::from(prefix_len), v6.octets()),
-    }
+        std::net::IpAddr::V6(v6) => (u32::from(prefix_len), v6.octets()),
+    };
+    Key::new(
+        policy_common::CIDR_GENERATION_BITS + len,
+        PeerCidrData::new(generation, addr),
+    )
 }
 
 macro_rules! map_accessor {
@@ -36,11 +41,11 @@ macro_rules! map_accessor {
 }
 
 impl Datapath {
-    map_accessor!(endpoints, names::ENDPOINTS, HashMap<&mut MapData, u32, EndpointInfo>);
+    map_accessor!(endpoints, names::ENDPOINTS, HashMap<&mut MapData, EndpointKey, EndpointInfo>);
     map_accessor!(epochs, names::EPOCHS, Array<&mut MapData, u32>);
     map_accessor!(config, names::CONFIG, Array<&mut MapData, Config>);
     map_accessor!(peer_ips, names::PEER_IPS, HashMap<&mut MapData, PeerIpKey, PeerInfo>);
-    map_accessor!(peer_cidrs, names::PEER_CIDRS, LpmTrie<&mut MapData, Addr, PeerInfo>);
+    map_accessor!(peer_cidrs, names::PEER_CIDRS, LpmTrie<&mut MapData, PeerCidrData, PeerInfo>);
     map_accessor!(policy, names::POLICY, HashMap<&mut MapData, PolicyKey, PolicyValue>);
     map_accessor!(conntrack, names::CONNTRACK, HashMap<&mut MapData, CtKey, CtEntry>);
     map_accessor!(fragments, names::FRAGMENTS, HashMap<&mut MapData, FragKey, FragEntry>);

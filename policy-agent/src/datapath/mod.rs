@@ -89,13 +89,16 @@ impl Datapath {
             pin_dir: pin_dir.to_owned(),
         };
         let hz = clock::kernel_hz(&mut datapath)?;
-        datapath
-            .config()?
-            .set(0, Config { hz }, 0)
-            .map_err(|source| DatapathError::Map {
-                name: names::CONFIG,
-                source,
-            })?;
+        let map_error = |source| DatapathError::Map {
+            name: names::CONFIG,
+            source,
+        };
+        let mut config = datapath.config()?;
+        // Keep the generation an earlier agent left in the pinned map.
+        let current = config.get(&0, 0).map_err(map_error)?;
+        config
+            .set(0, Config { hz, ..current }, 0)
+            .map_err(map_error)?;
         Ok(datapath)
     }
 

@@ -1,25 +1,31 @@
-//! Applying desired map contents to the kernel: only the difference is written.
+//! Applying desired map contents to the kernel, atomically and by difference.
 //!
-//! Order: additions and changes first (policy entries, then peers, then
-//! endpoints), removals last (endpoints, peers, policy entries), then the
-//! epochs of endpoints whose verdicts may have changed are bumped so their
-//! tracked connections are judged again on their next packet.
+//! The verdict maps hold two generations (see `policy_common::maps`). A change
+//! is written into the generation the classifier does not read, then one word
+//! (`Config::generation`) switches the classifier to it, then the old
+//! generation is brought up to date so it is ready for the next change. A
+//! packet therefore sees the whole old state or the whole new one: a change
+//! never opens a window in which traffic allowed before and after is dropped,
+//! or traffic denied before and after passes. Within a generation only the
+//! difference is written. After the switch, the epochs of endpoints whose
+//! verdicts may have changed are bumped so their tracked connections are
+//! judged again on their next packet.
 //!
-//! Each map update is atomic, but a batch is not: between two updates of one
-//! batch the classifier sees a mix of old and new entries. The order above
-//! makes that mix never allow more than old ∪ new per key; making whole
-//! batches atomic is a later step (generation-tagged keys, see
-//! docs/architecture.md).
+//! If writing fails (a full map), the generation being read is untouched:
+//! enforcement stays what it was, and the error is returned.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::MapError;
-use policy_common::{Addr, EndpointInfo, PeerInfo, PeerIpKey, PolicyKey, PolicyValue, names};
+use aya::maps::{MapError, lpm_trie::Key};
+use policy_common::{
+    Addr, CIDR_GENERATION_BITS, Config, EndpointInfo, EndpointKey, PeerCidrData, PeerInfo,
+    PeerIpKey, PolicyKey, PolicyValue, names,
+};
 
 use super::{Datapath, DatapathError};
 use crate::compile::Desired;
 
-/// What one [`apply`] changed.
+/// What one [`MapWriter::apply`] changed (counted once, not per generation).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
     pub written: usize,
@@ -33,11 +39,183 @@ impl SyncStats {
     }
 }
 
+/// The verdict maps' contents of one generation, keyed as in [`Desired`]
+/// (policy keys with generation 0).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Contents {
+    endpoints: BTreeMap<u32, EndpointInfo>,
+    peer_ips: BTreeMap<Addr, PeerInfo>,
+    peer_cidrs: BTreeMap<(u32, Addr), PeerInfo>,
+    policy: BTreeMap<PolicyKey, PolicyValue>,
+}
+
+impl Contents {
+    fn of(desired: &Desired) -> Self {
+        Contents {
+            endpoints: desired.endpoints.clone(),
+            peer_ips: desired.peer_ips.clone(),
+            peer_cidrs: desired.peer_cidrs.clone(),
+            policy: desired.policy.clone(),
+        }
+    }
+}
+
+/// Writes desired contents into the classifier's maps, remembering what each
+/// generation holds so that a change costs only its difference. What it does
+/// not know (at start, after an error) it reads from the maps, which is how a
+/// restarted agent adopts the state its predecessor left.
+#[derive(Debug, Default)]
+pub struct MapWriter {
+    known: [Option<Contents>; 2],
+}
+
+/// Applies `desired` with a writer that knows nothing yet (reads the maps).
+pub fn apply(dp: &mut Datapath, desired: &Desired) -> Result<SyncStats, DatapathError> {
+    MapWriter::new().apply(dp, desired)
+}
+
+impl MapWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Brings the classifier to `desired`.
+    pub fn apply(
+        &mut self,
+        dp: &mut Datapath,
+        desired: &Desired,
+    ) -> Result<SyncStats, DatapathError> {
+        let staged = self.stage(dp, desired)?;
+        self.commit(dp, desired, staged)
+    }
+
+    /// Writes `desired` into the generation the classifier does not read.
+    /// Nothing changes for traffic until [`MapWriter::commit`].
+    pub fn stage(&mut self, dp: &mut Datapath, desired: &Desired) -> Result<Staged, DatapathError> {
+        let active = dp.active_generation()?;
+        let next = 1 - active;
+        let before = self.contents(dp, active)?.clone();
+        let (written, removed) = self.sync(dp, next, desired)?;
+        Ok(Staged {
+            active,
+            next,
+            before,
+            written,
+            removed,
+        })
+    }
+
+    /// Switches the classifier to the staged generation, re-judges what may
+    /// have changed, and brings the other generation up to date.
+    pub fn commit(
+        &mut self,
+        dp: &mut Datapath,
+        desired: &Desired,
+        staged: Staged,
+    ) -> Result<SyncStats, DatapathError> {
+        let Staged {
+            active,
+            next,
+            before,
+            written,
+            removed,
+        } = staged;
+        let old_ids: BTreeSet<u32> = before.endpoints.values().map(|e| e.endpoint_id).collect();
+        let new_ids: BTreeSet<u32> = desired.endpoints.values().map(|e| e.endpoint_id).collect();
+        {
+            // An endpoint has an epoch before the classifier can find it.
+            let mut epochs = dp.epochs()?;
+            for id in new_ids.difference(&old_ids) {
+                if epochs.get(id, 0).map_err(map_err(names::EPOCHS))? == 0 {
+                    epochs.set(*id, 1, 0).map_err(map_err(names::EPOCHS))?;
+                }
+            }
+        }
+        dp.set_active_generation(next)?;
+
+        let mut stats = SyncStats {
+            written,
+            removed,
+            epochs_bumped: 0,
+        };
+        {
+            let mut epochs = dp.epochs()?;
+            for id in touched(&before, desired) {
+                let epoch = epochs.get(&id, 0).map_err(map_err(names::EPOCHS))?;
+                // Wrap past 0, which means "gone".
+                let next_epoch = epoch.wrapping_add(1).max(1);
+                epochs
+                    .set(id, next_epoch, 0)
+                    .map_err(map_err(names::EPOCHS))?;
+                stats.epochs_bumped += 1;
+            }
+            // Tracked connections of a removed endpoint stop at once.
+            for id in old_ids.difference(&new_ids) {
+                epochs.set(*id, 0, 0).map_err(map_err(names::EPOCHS))?;
+            }
+        }
+        self.sync(dp, active, desired)?;
+        Ok(stats)
+    }
+
+    /// What generation `generation` holds, read from the maps if not known.
+    fn contents(&mut self, dp: &mut Datapath, generation: u32) -> Result<&Contents, DatapathError> {
+        let slot = &mut self.known[generation as usize];
+        if slot.is_none() {
+            *slot = Some(read_generation(dp, generation)?);
+        }
+        Ok(slot.as_ref().expect("filled above"))
+    }
+
+    /// Makes generation `generation` hold `desired`, writing the difference.
+    /// Returns (entries written, entries removed).
+    fn sync(
+        &mut self,
+        dp: &mut Datapath,
+        generation: u32,
+        desired: &Desired,
+    ) -> Result<(usize, usize), DatapathError> {
+        let current = self.contents(dp, generation)?.clone();
+        // Unknown until the writes below all succeed.
+        self.known[generation as usize] = None;
+        let counts = write_difference(dp, generation, &current, desired)?;
+        self.known[generation as usize] = Some(Contents::of(desired));
+        Ok(counts)
+    }
+}
+
+/// A change written into the generation the classifier does not read yet.
+#[derive(Debug)]
+pub struct Staged {
+    active: u32,
+    next: u32,
+    before: Contents,
+    written: usize,
+    removed: usize,
+}
+
+/// Endpoints whose verdicts may differ between `before` and `desired`: all of
+/// them when peers changed, else those whose entries or flags changed.
+fn touched(before: &Contents, desired: &Desired) -> BTreeSet<u32> {
+    let peers_changed =
+        before.peer_ips != desired.peer_ips || before.peer_cidrs != desired.peer_cidrs;
+    if peers_changed {
+        return desired.endpoints.values().map(|e| e.endpoint_id).collect();
+    }
+    let mut touched = BTreeSet::new();
+    let (policy_writes, policy_removes) = diff(&before.policy, &desired.policy);
+    touched.extend(policy_writes.iter().map(|(k, _)| k.endpoint_id));
+    touched.extend(policy_removes.iter().map(|k| k.endpoint_id));
+    let (endpoint_writes, _) = diff(&before.endpoints, &desired.endpoints);
+    touched.extend(endpoint_writes.iter().map(|(_, e)| e.endpoint_id));
+    touched
+}
+
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
-/// The entries of `current` to write and the keys to remove to reach `desired`.
+/// The entries of `desired` to write and the keys of `current` to remove.
 fn diff<K: Ord + Clone, V: PartialEq + Clone>(
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
@@ -55,66 +233,51 @@ fn diff<K: Ord + Clone, V: PartialEq + Clone>(
     (writes, removes)
 }
 
-/// Brings the classifier's maps to `desired`, reading what they hold now (so
-/// it also adopts the state a previous agent left in pinned maps).
-pub fn apply(dp: &mut Datapath, desired: &Desired) -> Result<SyncStats, DatapathError> {
-    let mut stats = SyncStats::default();
+fn cidr_trie_key(generation: u32, prefix_len: u32, addr: Addr) -> Key<PeerCidrData> {
+    Key::new(
+        CIDR_GENERATION_BITS + prefix_len,
+        PeerCidrData::new(generation, addr),
+    )
+}
 
-    let current_policy: BTreeMap<PolicyKey, PolicyValue> = dp
-        .policy()?
-        .iter()
-        .collect::<Result<_, _>>()
-        .map_err(map_err(names::POLICY))?;
-    let current_peers: BTreeMap<Addr, PeerInfo> = dp
-        .peer_ips()?
-        .iter()
-        .map(|r| r.map(|(k, v)| (k.addr, v)))
-        .collect::<Result<_, _>>()
-        .map_err(map_err(names::PEER_IPS))?;
-    let current_cidrs: BTreeMap<(u32, Addr), PeerInfo> = dp
-        .peer_cidrs()?
-        .iter()
-        .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
-        .collect::<Result<_, _>>()
-        .map_err(map_err(names::PEER_CIDRS))?;
-    let current_endpoints: BTreeMap<u32, EndpointInfo> = dp
-        .endpoints()?
-        .iter()
-        .collect::<Result<_, _>>()
-        .map_err(map_err(names::ENDPOINTS))?;
-
-    let (policy_writes, policy_removes) = diff(&current_policy, &desired.policy);
-    let (peer_writes, peer_removes) = diff(&current_peers, &desired.peer_ips);
-    let (cidr_writes, cidr_removes) = diff(&current_cidrs, &desired.peer_cidrs);
-    let (endpoint_writes, endpoint_removes) = diff(&current_endpoints, &desired.endpoints);
-
-    // Endpoints whose verdicts may change: every endpoint when peers changed,
-    // else those whose own entries or flags changed.
-    let peers_changed = !peer_writes.is_empty()
-        || !peer_removes.is_empty()
-        || !cidr_writes.is_empty()
-        || !cidr_removes.is_empty();
-    let mut touched: BTreeSet<u32> = policy_writes
-        .iter()
-        .map(|(k, _)| k.endpoint_id)
-        .chain(policy_removes.iter().map(|k| k.endpoint_id))
-        .chain(endpoint_writes.iter().map(|(_, e)| e.endpoint_id))
-        .collect();
-    if peers_changed {
-        touched.extend(desired.endpoints.values().map(|e| e.endpoint_id));
-    }
-
+fn write_difference(
+    dp: &mut Datapath,
+    generation: u32,
+    current: &Contents,
+    desired: &Desired,
+) -> Result<(usize, usize), DatapathError> {
+    let (policy_writes, policy_removes) = diff(&current.policy, &desired.policy);
+    let (peer_writes, peer_removes) = diff(&current.peer_ips, &desired.peer_ips);
+    let (cidr_writes, cidr_removes) = diff(&current.peer_cidrs, &desired.peer_cidrs);
+    let (endpoint_writes, endpoint_removes) = diff(&current.endpoints, &desired.endpoints);
+    let generation_u8 = generation as u8;
+    let policy_key = |k: &PolicyKey| PolicyKey {
+        generation: generation_u8,
+        ..*k
+    };
     {
         let mut policy = dp.policy()?;
         for (k, v) in &policy_writes {
-            policy.insert(k, v, 0).map_err(map_err(names::POLICY))?;
+            policy
+                .insert(policy_key(k), v, 0)
+                .map_err(map_err(names::POLICY))?;
+        }
+        for k in &policy_removes {
+            policy
+                .remove(&policy_key(k))
+                .map_err(map_err(names::POLICY))?;
         }
     }
     {
         let mut cidrs = dp.peer_cidrs()?;
         for ((len, addr), v) in &cidr_writes {
             cidrs
-                .insert(&aya::maps::lpm_trie::Key::new(*len, *addr), v, 0)
+                .insert(&cidr_trie_key(generation, *len, *addr), v, 0)
+                .map_err(map_err(names::PEER_CIDRS))?;
+        }
+        for (len, addr) in &cidr_removes {
+            cidrs
+                .remove(&cidr_trie_key(generation, *len, *addr))
                 .map_err(map_err(names::PEER_CIDRS))?;
         }
     }
@@ -122,85 +285,103 @@ pub fn apply(dp: &mut Datapath, desired: &Desired) -> Result<SyncStats, Datapath
         let mut peers = dp.peer_ips()?;
         for (addr, v) in &peer_writes {
             peers
-                .insert(PeerIpKey { addr: *addr }, v, 0)
+                .insert(
+                    PeerIpKey {
+                        addr: *addr,
+                        generation,
+                    },
+                    v,
+                    0,
+                )
                 .map_err(map_err(names::PEER_IPS))?;
         }
-    }
-    {
-        // A new endpoint gets its epoch before it can be found.
-        let mut epochs = dp.epochs()?;
-        for (_, e) in &endpoint_writes {
-            if epochs
-                .get(&e.endpoint_id, 0)
-                .map_err(map_err(names::EPOCHS))?
-                == 0
-            {
-                epochs
-                    .set(e.endpoint_id, 1, 0)
-                    .map_err(map_err(names::EPOCHS))?;
-            }
+        for addr in &peer_removes {
+            peers
+                .remove(&PeerIpKey {
+                    addr: *addr,
+                    generation,
+                })
+                .map_err(map_err(names::PEER_IPS))?;
         }
     }
     {
         let mut endpoints = dp.endpoints()?;
         for (ifindex, e) in &endpoint_writes {
+            let key = EndpointKey {
+                ifindex: *ifindex,
+                generation,
+            };
             endpoints
-                .insert(ifindex, e, 0)
+                .insert(key, e, 0)
                 .map_err(map_err(names::ENDPOINTS))?;
         }
         for ifindex in &endpoint_removes {
-            endpoints
-                .remove(ifindex)
-                .map_err(map_err(names::ENDPOINTS))?;
+            let key = EndpointKey {
+                ifindex: *ifindex,
+                generation,
+            };
+            endpoints.remove(&key).map_err(map_err(names::ENDPOINTS))?;
         }
     }
-    {
-        let mut epochs = dp.epochs()?;
-        for ifindex in &endpoint_removes {
-            let id = current_endpoints[ifindex].endpoint_id;
-            if !desired.endpoints.values().any(|e| e.endpoint_id == id) {
-                // Epoch 0: tracked connections of a removed endpoint stop at once.
-                epochs.set(id, 0, 0).map_err(map_err(names::EPOCHS))?;
-                touched.remove(&id);
-            }
+    let written =
+        policy_writes.len() + peer_writes.len() + cidr_writes.len() + endpoint_writes.len();
+    let removed =
+        policy_removes.len() + peer_removes.len() + cidr_removes.len() + endpoint_removes.len();
+    Ok((written, removed))
+}
+
+/// Reads what generation `generation` of the verdict maps holds.
+fn read_generation(dp: &mut Datapath, generation: u32) -> Result<Contents, DatapathError> {
+    let mut contents = Contents::default();
+    for entry in dp.policy()?.iter() {
+        let (k, v) = entry.map_err(map_err(names::POLICY))?;
+        if u32::from(k.generation) == generation {
+            contents.policy.insert(PolicyKey { generation: 0, ..k }, v);
         }
     }
-    {
-        let mut peers = dp.peer_ips()?;
-        for addr in &peer_removes {
-            peers
-                .remove(&PeerIpKey { addr: *addr })
-                .map_err(map_err(names::PEER_IPS))?;
+    for entry in dp.peer_ips()?.iter() {
+        let (k, v) = entry.map_err(map_err(names::PEER_IPS))?;
+        if k.generation == generation {
+            contents.peer_ips.insert(k.addr, v);
         }
     }
-    {
-        let mut cidrs = dp.peer_cidrs()?;
-        for (len, addr) in &cidr_removes {
-            cidrs
-                .remove(&aya::maps::lpm_trie::Key::new(*len, *addr))
-                .map_err(map_err(names::PEER_CIDRS))?;
+    for entry in dp.peer_cidrs()?.iter() {
+        let (k, v) = entry.map_err(map_err(names::PEER_CIDRS))?;
+        let data = k.data();
+        if data.generation() == generation {
+            let len = k.prefix_len() - CIDR_GENERATION_BITS;
+            contents.peer_cidrs.insert((len, data.addr), v);
         }
     }
-    {
-        let mut policy = dp.policy()?;
-        for k in &policy_removes {
-            policy.remove(k).map_err(map_err(names::POLICY))?;
+    for entry in dp.endpoints()?.iter() {
+        let (k, v) = entry.map_err(map_err(names::ENDPOINTS))?;
+        if k.generation == generation {
+            contents.endpoints.insert(k.ifindex, v);
         }
     }
-    {
-        let mut epochs = dp.epochs()?;
-        for id in &touched {
-            let epoch = epochs.get(id, 0).map_err(map_err(names::EPOCHS))?;
-            // Wrap past 0, which means "gone".
-            let next = epoch.wrapping_add(1).max(1);
-            epochs.set(*id, next, 0).map_err(map_err(names::EPOCHS))?;
-            stats.epochs_bumped += 1;
-        }
+    Ok(contents)
+}
+
+impl Datapath {
+    /// The generation of the verdict maps the classifier reads.
+    pub fn active_generation(&mut self) -> Result<u32, DatapathError> {
+        let config = self.config()?.get(&0, 0).map_err(map_err(names::CONFIG))?;
+        Ok(config.generation & 1)
     }
 
-    stats.written =
-        policy_writes.len() + peer_writes.len() + cidr_writes.len() + endpoint_writes.len();
-    stats.removed =
-        policy_removes.len() + peer_removes.len() + cidr_removes.len() + endpoint_removes.len();
-    Ok(stats)
+    /// Switches the classifier to generation `generation` (one word written).
+    pub fn set_active_generation(&mut self, generation: u32) -> Result<(), DatapathError> {
+        let mut config = self.config()?;
+        let current = config.get(&0, 0).map_err(map_err(names::CONFIG))?;
+        config
+            .set(
+                0,
+                Config {
+                    generation,
+                    ..current
+                },
+                0,
+            )
+            .map_err(map_err(names::CONFIG))
+    }
 }

@@ -99,6 +99,7 @@ pub fn endpoint_verdict(
         |k| desired.policy.get(k),
         endpoint,
         direction as u8,
+        0,
         &info,
         protocol,
         port,
