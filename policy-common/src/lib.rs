@@ -38,3 +38,103 @@ pub mod names {
     pub const EVENTS_LOST: &str = "PALISADE_EVENTS_LOST";
     pub const CONFIG: &str = "PALISADE_CONFIG";
 }
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+    use crate::event::DecodeError;
+
+    #[test]
+    fn codes_round_trip_and_unknown_ones_are_rejected() {
+        for reason in Reason::ALL {
+            assert_eq!(Reason::try_from(reason as u8), Ok(reason));
+            let expected = if (reason as u8) < Reason::FIRST_DROP {
+                Verdict::Allowed
+            } else {
+                Verdict::Denied
+            };
+            assert_eq!(reason.verdict(), expected);
+            assert!((reason as u32) < Reason::COUNT);
+        }
+        for value in 0..=u8::MAX {
+            let known = Reason::ALL.iter().any(|r| *r as u8 == value);
+            assert_eq!(Reason::try_from(value).is_ok(), known, "reason {value}");
+        }
+        assert_eq!(Direction::try_from(1), Ok(Direction::Egress));
+        assert!(Direction::try_from(2).is_err());
+        assert_eq!(Verdict::try_from(2), Ok(Verdict::Denied));
+        assert!(Verdict::try_from(0).is_err());
+    }
+
+    fn event_bytes(event: &FlowEvent) -> [u8; size_of::<FlowEvent>()] {
+        // SAFETY: FlowEvent is plain data without hidden padding.
+        unsafe { core::mem::transmute_copy(event) }
+    }
+
+    #[test]
+    fn flow_events_are_length_and_code_checked() {
+        let event = FlowEvent {
+            direction: Direction::Ingress as u8,
+            verdict: Verdict::Denied as u8,
+            reason: Reason::DeniedByPolicy as u8,
+            dst_port: 80,
+            ..Default::default()
+        };
+        let bytes = event_bytes(&event);
+        let (decoded, codes) = FlowEvent::decode(&bytes).unwrap();
+        assert_eq!(decoded, event);
+        assert_eq!(codes.reason, Reason::DeniedByPolicy);
+
+        assert_eq!(
+            FlowEvent::decode(&bytes[..79]),
+            Err(DecodeError::Length { got: 79 })
+        );
+        let unknown = FlowEvent {
+            reason: 99,
+            ..event
+        };
+        assert!(matches!(
+            FlowEvent::decode(&event_bytes(&unknown)),
+            Err(DecodeError::Code(_))
+        ));
+        let contradiction = FlowEvent {
+            verdict: Verdict::Allowed as u8,
+            ..event
+        };
+        assert!(matches!(
+            FlowEvent::decode(&event_bytes(&contradiction)),
+            Err(DecodeError::Inconsistent { .. })
+        ));
+    }
+
+    #[test]
+    fn port_rules_match_inclusive_ranges() {
+        let mut value = PolicyValue {
+            range_count: 2,
+            ..Default::default()
+        };
+        value.ranges[0] = PortRule {
+            first: 80,
+            last: 80,
+            rule_id: 1,
+        };
+        value.ranges[1] = PortRule {
+            first: 8000,
+            last: 8100,
+            rule_id: 2,
+        };
+        assert_eq!(value.rule_for_port(80), Some(1));
+        assert_eq!(value.rule_for_port(8000), Some(2));
+        assert_eq!(value.rule_for_port(8100), Some(2));
+        assert_eq!(value.rule_for_port(8101), None);
+        assert_eq!(value.rule_for_port(79), None);
+        // A count beyond the array never reads past it.
+        value.range_count = u32::MAX;
+        assert_eq!(value.rule_for_port(81), None);
+        // Any port wins over ranges.
+        value.any_port_rule = 7;
+        assert_eq!(value.rule_for_port(1), Some(7));
+    }
+}
