@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod explain;
 
 pub mod compile;
 pub mod model;

@@ -49,6 +49,7 @@
 //!   isolated both ways with no entries (fail closed).
 
 pub mod identity;
+pub mod lookup;
 mod peers;
 mod ports;
 pub mod rules;

@@ -5,8 +5,9 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use policy_common::verdict::allowing_rule;
-use policy_common::{Addr, Direction, EndpointInfo, PeerInfo, identity, v4_mapped};
+use policy_common::{Direction, EndpointInfo, PeerInfo};
 
+pub use crate::compile::lookup::map_addr;
 use crate::compile::{Desired, IdentityAllocator, LocalEndpoint, NodeScope, compile};
 use crate::model::{ClusterState, DiagnosticCode, Labels, NamedPort, Namespace, Pod, Protocol};
 
@@ -25,56 +26,14 @@ pub fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
 
-/// The map form of an address, written independently of the compiler.
-pub fn map_addr(ip: &IpAddr) -> Addr {
-    match ip {
-        IpAddr::V4(v4) => v4_mapped(v4.octets()),
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(v6.octets(), |v4| v4_mapped(v4.octets())),
-    }
-}
-
-fn prefix_contains(net: &Addr, len: u32, addr: &Addr) -> bool {
-    let len = len.min(128) as usize;
-    let (bytes, bits) = (len / 8, len % 8);
-    if net[..bytes] != addr[..bytes] {
-        return false;
-    }
-    if bits == 0 {
-        return true;
-    }
-    let mask = 0xffu8 << (8 - bits);
-    net[bytes] & mask == addr[bytes] & mask
-}
-
-/// The classifier's peer resolution: exact entry, else the longest prefix,
-/// else the world.
+/// The classifier's peer resolution over the compiled contents.
 pub fn resolve_peer(desired: &Desired, ip: &IpAddr) -> PeerInfo {
-    let a = map_addr(ip);
-    if let Some(info) = desired.peer_ips.get(&a) {
-        return *info;
-    }
-    desired
-        .peer_cidrs
-        .iter()
-        .filter(|((len, net), _)| prefix_contains(net, *len, &a))
-        .max_by_key(|((len, _), _)| *len)
-        .map_or(
-            PeerInfo {
-                identity: identity::WORLD,
-                cidr_identity: identity::ANY,
-            },
-            |(_, i)| *i,
-        )
+    desired.peer_info(ip)
 }
 
 /// The local endpoint with address `ip`, read from the endpoints map.
 pub fn endpoint_with_ip<'a>(desired: &'a Desired, ip: &IpAddr) -> Option<&'a EndpointInfo> {
-    desired.endpoints.values().find(|e| match ip {
-        IpAddr::V4(v4) => e.flags & EndpointInfo::HAS_IPV4 != 0 && e.ipv4 == v4.octets(),
-        IpAddr::V6(v6) => e.flags & EndpointInfo::HAS_IPV6 != 0 && e.ipv6 == v6.octets(),
-    })
+    desired.endpoint_with_ip(ip)
 }
 
 /// The verdict of one endpoint for one direction: `None` when it is not
@@ -94,13 +53,13 @@ pub fn endpoint_verdict(
     if endpoint.flags & flag == 0 {
         return None;
     }
-    let info = resolve_peer(desired, peer);
+    // No node exemption here: the spec oracle judges a node peer as an address.
     Some(allowing_rule(
         |k| desired.policy.get(k),
         endpoint,
         direction as u8,
         0,
-        &info,
+        &resolve_peer(desired, peer),
         protocol,
         port,
     ))
