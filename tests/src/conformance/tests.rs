@@ -84,6 +84,7 @@ fn own_scenarios_load_and_validate() {
 #[test]
 fn expectations_agree_with_the_spec() {
     let mut dirs = vec![own_dir()];
+    let with_shared = shared_dir().is_some();
     dirs.extend(shared_dir());
     let mut disagreements = Vec::new();
     let mut checked = 0;
@@ -106,7 +107,10 @@ fn expectations_agree_with_the_spec() {
     }
     assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
     println!("{checked} probes agree with the spec");
-    assert!(checked > 1000, "only {checked} probes checked");
+    // Our own scenarios alone have a few hundred probes, the shared ones
+    // add more than two thousand: a check that silently covers less fails.
+    let floor = if with_shared { 2000 } else { 400 };
+    assert!(checked > floor, "only {checked} probes checked");
 }
 
 /// The oracle is not vacuous: a wrong cell is caught.
