@@ -3,5 +3,6 @@
 
 pub mod conformance;
 pub mod fixture;
+pub mod kube;
 pub mod netns;
 pub mod packet;

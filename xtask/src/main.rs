@@ -8,6 +8,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod kube_apiserver;
 mod setup;
 mod test;
 mod util;

@@ -31,6 +31,9 @@ pub struct Options {
     /// of cargo's default ($CARGO_HOME/bin).
     #[arg(long, value_name = "DIR")]
     pub cargo_root: Option<PathBuf>,
+    /// Do not build the kube-apiserver the Kubernetes API tests run (nor install etcd).
+    #[arg(long)]
+    pub skip_kube_apiserver: bool,
 }
 
 /// What a Debian package is for us, and how we see that it is installed.
@@ -155,6 +158,12 @@ pub fn run(opts: &Options) -> Result<()> {
 
     // The Rust parts are per user (rustup, $CARGO_HOME) and need no root.
     rust_toolchain(opts, &mut summary);
+
+    // etcd and a kube-apiserver built from Debian's sources, for the API tests.
+    let kube = crate::kube_apiserver::ensure(opts.skip_kube_apiserver, root);
+    summary.present.extend(kube.present);
+    summary.installed.extend(kube.installed);
+    summary.missing.extend(kube.missing);
 
     summary.print();
     if summary.missing.is_empty() {
