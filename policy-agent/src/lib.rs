@@ -2,6 +2,7 @@
 //! policy compiler, and the pieces the binary wires together.
 
 pub mod agent;
+pub mod api;
 pub mod datapath;
 pub mod explain;
 

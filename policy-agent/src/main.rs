@@ -1,3 +1,392 @@
-fn main() -> anyhow::Result<()> {
+//! `policy-agent`: the Palisade node agent (`run`) and a small client for
+//! its API (`status`, `wait`, `endpoints register|unregister|list`).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use policy_agent::agent::{self, AgentConfig, SourceConfig};
+use policy_agent::api::client::Client;
+use policy_agent::api::{DEFAULT_SOCKET, proto};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "policy-agent",
+    version,
+    about = "Palisade node agent: enforces Kubernetes NetworkPolicy with eBPF"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent (as root): watch the cluster, program the classifier,
+    /// serve the API.
+    Run(RunArgs),
+    /// Show what the running agent enforces and what it found.
+    Status(StatusArgs),
+    /// Wait until a revision is enforced (for the node or one endpoint).
+    Wait(WaitArgs),
+    /// Register, unregister or list endpoints (what the CNI plugin does).
+    #[command(subcommand)]
+    Endpoints(EndpointsCommand),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum SourceKind {
+    /// Watch the Kubernetes API (in-cluster config or kubeconfig).
+    Kube,
+    /// Read Kubernetes manifests from a directory (--dir).
+    Files,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// This node's name (pods' spec.nodeName). Default: $NODE_NAME, else
+    /// the host name.
+    #[arg(long, env = "NODE_NAME")]
+    node: Option<String>,
+    /// Where the cluster comes from.
+    #[arg(long, value_enum, default_value_t = SourceKind::Kube)]
+    source: SourceKind,
+    /// The manifest directory of the files source.
+    #[arg(long, required_if_eq("source", "files"))]
+    dir: Option<PathBuf>,
+    /// This node's addresses (files source; repeat for several): peers with
+    /// them are the node.
+    #[arg(long = "node-ip", value_name = "IP")]
+    node_ips: Vec<IpAddr>,
+    /// Where the maps and links are pinned (bpffs).
+    #[arg(long, default_value = policy_common::PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Where identities and endpoints are saved across restarts.
+    #[arg(long, default_value = "/var/lib/palisade")]
+    state_dir: PathBuf,
+    /// The API's unix socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Log lines as text or JSON (level: RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Args, Debug)]
+struct SocketArg {
+    /// The agent's API socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Print the whole status as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Also print the metrics.
+    #[arg(long)]
+    metrics: bool,
+}
+
+#[derive(Args, Debug)]
+struct WaitArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Wait for this endpoint only (default: the whole node).
+    #[arg(long)]
+    container_id: Option<String>,
+    /// The revision to wait for (default: the current one).
+    #[arg(long, default_value_t = 0)]
+    revision: u64,
+    /// Have the source re-read its input first (files: re-scan now) and
+    /// wait for the revision that includes it.
+    #[arg(long, conflicts_with = "revision")]
+    sync: bool,
+    /// Give up after SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    timeout: f64,
+}
+
+#[derive(Subcommand, Debug)]
+enum EndpointsCommand {
+    /// Attach the classifier to a pod's host-side interface and program it.
+    Register(RegisterArgs),
+    /// Detach and forget an endpoint.
+    Unregister {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(long)]
+        container_id: String,
+    },
+    /// List the registered endpoints.
+    List {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RegisterArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    #[arg(long)]
+    namespace: String,
+    #[arg(long)]
+    pod: String,
+    #[arg(long)]
+    container_id: String,
+    /// The pod's network namespace (for the record).
+    #[arg(long, default_value = "")]
+    netns: String,
+    /// The host side of the pod's veth.
+    #[arg(long)]
+    interface: String,
+    /// The pod's addresses (repeat for several).
+    #[arg(long = "ip", value_name = "IP")]
+    ips: Vec<String>,
+    /// Wait until the endpoint is programmed.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    timeout: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Status(args) => status(&args),
+        Command::Wait(args) => wait(&args),
+        Command::Endpoints(command) => endpoints(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("policy-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    init_logging(args.log_format);
+    let node_name = match args.node {
+        Some(n) if !n.is_empty() => n,
+        _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name (or pass --node)")?
+            .trim()
+            .to_owned(),
+    };
+    let source = match args.source {
+        SourceKind::Files => SourceConfig::Files {
+            dir: args.dir.context("--source files needs --dir")?,
+            node_ips: args.node_ips,
+        },
+        SourceKind::Kube => {
+            if !args.node_ips.is_empty() {
+                tracing::warn!(
+                    "--node-ip is ignored with --source kube: the Node object's addresses are used"
+                );
+            }
+            SourceConfig::Kube
+        }
+    };
+    let config = AgentConfig {
+        node_name,
+        source,
+        pin_dir: args.pin_dir,
+        state_dir: args.state_dir,
+        socket: args.socket,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = runtime.block_on(agent::run(config));
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "agent stopped");
+    }
+    result
+}
+
+fn secs(s: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(s).context("invalid --timeout")
+}
+
+fn status(args: &StatusArgs) -> Result<()> {
+    let status = Client::connect(&args.socket.socket)?.status()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    println!(
+        "node {}  source {}  ready {}  revision {}  enforced {}  up {}s",
+        status.node_name,
+        status.source,
+        if status.ready { "yes" } else { "no" },
+        status.revision,
+        status.enforced_revision,
+        status.uptime_seconds
+    );
+    if !status.waiting_for.is_empty() {
+        println!("waiting for: {}", status.waiting_for.join(", "));
+    }
+    if !status.last_error.is_empty() {
+        println!(
+            "LAST ERROR (revision {}): {}",
+            status.failed_revision, status.last_error
+        );
+    }
+    print_endpoints(&status.endpoints);
+    if let Some(d) = &status.diagnostics {
+        println!(
+            "diagnostics: {} errors, {} warnings, {} info",
+            d.errors, d.warnings, d.infos
+        );
+        for item in &d.items {
+            let object = match (item.namespace.as_str(), item.rule.as_str()) {
+                ("", "") => item.name.clone(),
+                ("", rule) => format!("{} {rule}", item.name),
+                (ns, "") => format!("{ns}/{}", item.name),
+                (ns, rule) => format!("{ns}/{} {rule}", item.name),
+            };
+            println!(
+                "  {:<7} {} {object}: {} ({})",
+                item.severity, item.object_kind, item.message, item.code
+            );
+        }
+    }
+    if args.metrics {
+        println!("metrics:");
+        for m in &status.metrics {
+            if m.labels.is_empty() {
+                println!("  {} {}", m.name, m.value);
+            } else {
+                println!("  {}{{{}}} {}", m.name, m.labels, m.value);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_endpoints(endpoints: &[proto::Endpoint]) {
+    println!("endpoints: {}", endpoints.len());
+    if endpoints.is_empty() {
+        return;
+    }
+    println!(
+        "  {:<24} {:<32} {:<15} {:>7} {:>5} {:>8}  ISOLATED",
+        "CONTAINER", "POD", "INTERFACE", "IFINDEX", "ID", "ENFORCED"
+    );
+    for e in endpoints {
+        let isolated = match (e.pod_known, e.ingress_isolated, e.egress_isolated) {
+            (false, _, _) => "both (pod unknown)",
+            (true, true, true) => "ingress, egress",
+            (true, true, false) => "ingress",
+            (true, false, true) => "egress",
+            (true, false, false) => "no",
+        };
+        let container: String = e.container_id.chars().take(24).collect();
+        println!(
+            "  {:<24} {:<32} {:<15} {:>7} {:>5} {:>8}  {isolated}",
+            container,
+            format!("{}/{}", e.namespace, e.pod_name),
+            e.host_interface,
+            e.ifindex,
+            e.endpoint_id,
+            e.enforced_revision
+        );
+    }
+}
+
+fn wait(args: &WaitArgs) -> Result<()> {
+    let mut client = Client::connect(&args.socket.socket)?;
+    let revision = if args.sync {
+        client.sync()?
+    } else {
+        args.revision
+    };
+    let enforced =
+        client.wait_enforced(args.container_id.as_deref(), revision, secs(args.timeout)?)?;
+    println!("enforced revision {enforced}");
+    Ok(())
+}
+
+fn endpoints(command: EndpointsCommand) -> Result<()> {
+    match command {
+        EndpointsCommand::Register(args) => {
+            let mut client = Client::connect(&args.socket.socket)?;
+            let done = client.register(proto::RegisterRequest {
+                namespace: args.namespace,
+                pod_name: args.pod,
+                container_id: args.container_id.clone(),
+                netns_path: args.netns,
+                host_interface: args.interface,
+                ips: args.ips,
+            })?;
+            let endpoint = done.endpoint.unwrap_or_default();
+            println!(
+                "registered {} as endpoint {} on ifindex {} (revision {})",
+                args.container_id, endpoint.endpoint_id, endpoint.ifindex, done.revision
+            );
+            if args.wait {
+                let enforced = client.wait_enforced(
+                    Some(&args.container_id),
+                    done.revision,
+                    secs(args.timeout)?,
+                )?;
+                println!("enforced revision {enforced}");
+            }
+        }
+        EndpointsCommand::Unregister {
+            socket,
+            container_id,
+        } => {
+            let done = Client::connect(&socket.socket)?.unregister(&container_id)?;
+            if done.found {
+                println!(
+                    "unregistered {container_id} ({} tracked connections flushed, revision {})",
+                    done.connections_flushed, done.revision
+                );
+            } else {
+                println!("{container_id} was not registered");
+            }
+        }
+        EndpointsCommand::List { socket, json } => {
+            let list = Client::connect(&socket.socket)?.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_endpoints(&list);
+            }
+        }
+    }
     Ok(())
 }

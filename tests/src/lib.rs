@@ -1,6 +1,7 @@
 //! Helpers for Palisade's end-to-end tests: packet crafting for
 //! BPF_PROG_TEST_RUN and network-namespace topologies with real sockets.
 
+pub mod agent;
 pub mod conformance;
 pub mod fixture;
 pub mod kube;

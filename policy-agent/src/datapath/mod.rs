@@ -1,5 +1,6 @@
 //! Loading the classifier, attaching it to interfaces, and typed access to its maps.
 
+mod attach;
 mod clock;
 mod events;
 mod maps;
@@ -8,9 +9,10 @@ pub mod writer;
 
 use std::path::{Path, PathBuf};
 
+pub use attach::{Adopted, LINKS_DIR};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
 };
 pub use events::{FlowReader, ReadEvent};
 pub use maps::{PeerCidrKey, cidr_key};
@@ -49,6 +51,8 @@ pub enum DatapathError {
         interface: String,
         source: ProgramError,
     },
+    #[error("link {interface}: {message}")]
+    Link { interface: String, message: String },
 }
 
 /// The loaded classifier and its maps.
@@ -104,26 +108,6 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
-    }
-
-    /// Attaches both directions to the host side of a pod's veth, by name in
-    /// the calling thread's network namespace. TCX where the kernel has it
-    /// (6.6+), a clsact qdisc otherwise.
-    pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
-        // Only needed on the netlink path; harmless when it exists already.
-        let _ = tc::qdisc_add_clsact(interface);
-        for (name, attach_type) in [
-            (names::PROG_FROM_POD, TcAttachType::Ingress),
-            (names::PROG_TO_POD, TcAttachType::Egress),
-        ] {
-            classifier(&mut self.ebpf, name)?
-                .attach(interface, attach_type)
-                .map_err(|source| DatapathError::Attach {
-                    interface: interface.to_owned(),
-                    source,
-                })?;
-        }
-        Ok(())
     }
 
     /// Runs the program of `direction` once per `repeat` on `frame` with

@@ -5,6 +5,9 @@
 //! conversion happens in the state, so a malformed object is reported by one
 //! code path whatever its source.
 
+pub mod files;
+pub mod kube;
+
 use std::net::IpAddr;
 
 use k8s_openapi::api::{core::v1 as core, networking::v1 as net};

@@ -1,0 +1,173 @@
+//! Connecting to a running agent's API.
+//!
+//! [`channel`] gives an async [`Channel`] for the generated clients
+//! ([`proto::endpoints_client::EndpointsClient`],
+//! [`proto::status_client::StatusClient`]); [`Client`] wraps both behind
+//! blocking calls for the CLI and for tests.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::proto::{self, endpoints_client::EndpointsClient, status_client::StatusClient};
+/// gRPC status codes, as [`ClientError::code`] returns them.
+pub use tonic::Code;
+
+/// Why a call to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the agent at {socket}: {reason}")]
+    Unreachable { socket: PathBuf, reason: String },
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Rpc(#[from] tonic::Status),
+    #[error("starting the client runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl ClientError {
+    /// The gRPC code, for an error the agent returned.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Rpc(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::DeadlineExceeded => "timed out",
+        tonic::Code::FailedPrecondition => "failed",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::InvalidArgument => "invalid request",
+        tonic::Code::ResourceExhausted => "no room",
+        tonic::Code::Unavailable => "unavailable",
+        _ => "error",
+    }
+}
+
+fn unreachable_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            "no such socket (is `policy-agent run` running on this node?)".to_owned()
+        }
+        std::io::ErrorKind::ConnectionRefused => {
+            "nobody listens on it (the agent is not running)".to_owned()
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied (the socket is root-only)".to_owned()
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Connects to the agent listening on `socket`.
+pub async fn channel(socket: &Path) -> Result<Channel, ClientError> {
+    let unreachable = |reason: String| ClientError::Unreachable {
+        socket: socket.to_owned(),
+        reason,
+    };
+    // A first plain connect gives a clear reason when nobody is there.
+    drop(
+        UnixStream::connect(socket)
+            .await
+            .map_err(|e| unreachable(unreachable_reason(&e)))?,
+    );
+    let path = socket.to_owned();
+    // The URI is required by the transport and otherwise unused.
+    Endpoint::from_static("http://palisade-agent")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| unreachable(e.to_string()))
+}
+
+/// A blocking client (owns a small runtime).
+pub struct Client {
+    runtime: tokio::runtime::Runtime,
+    endpoints: EndpointsClient<Channel>,
+    status: StatusClient<Channel>,
+}
+
+impl Client {
+    /// Connects to the agent on `socket`.
+    pub fn connect(socket: &Path) -> Result<Self, ClientError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ClientError::Runtime)?;
+        let channel = runtime.block_on(channel(socket))?;
+        Ok(Self {
+            runtime,
+            endpoints: EndpointsClient::new(channel.clone()),
+            status: StatusClient::new(channel),
+        })
+    }
+
+    /// `Status.Get`.
+    pub fn status(&mut self) -> Result<proto::AgentStatus, ClientError> {
+        let call = self.status.get(proto::GetStatusRequest {});
+        Ok(self.runtime.block_on(call)?.into_inner())
+    }
+
+    /// `Status.WaitEnforced`: `revision` 0 is the agent's current one.
+    pub fn wait_enforced(
+        &mut self,
+        container_id: Option<&str>,
+        revision: u64,
+        timeout: Duration,
+    ) -> Result<u64, ClientError> {
+        let call = self.status.wait_enforced(proto::WaitEnforcedRequest {
+            container_id: container_id.unwrap_or_default().to_owned(),
+            revision,
+            timeout_ms: u32::try_from(timeout.as_millis())
+                .unwrap_or(u32::MAX)
+                .max(1),
+        });
+        Ok(self.runtime.block_on(call)?.into_inner().enforced_revision)
+    }
+
+    /// `Status.Sync`: the revision that includes everything the source
+    /// holds now.
+    pub fn sync(&mut self) -> Result<u64, ClientError> {
+        let call = self.status.sync(proto::SyncRequest {});
+        Ok(self.runtime.block_on(call)?.into_inner().revision)
+    }
+
+    /// Sync, then wait until that revision is enforced for the node.
+    pub fn sync_and_wait(&mut self, timeout: Duration) -> Result<u64, ClientError> {
+        let revision = self.sync()?;
+        self.wait_enforced(None, revision, timeout)
+    }
+
+    /// `Endpoints.Register`.
+    pub fn register(
+        &mut self,
+        request: proto::RegisterRequest,
+    ) -> Result<proto::RegisterResponse, ClientError> {
+        let call = self.endpoints.register(request);
+        Ok(self.runtime.block_on(call)?.into_inner())
+    }
+
+    /// `Endpoints.Unregister`.
+    pub fn unregister(
+        &mut self,
+        container_id: &str,
+    ) -> Result<proto::UnregisterResponse, ClientError> {
+        let call = self.endpoints.unregister(proto::UnregisterRequest {
+            container_id: container_id.to_owned(),
+        });
+        Ok(self.runtime.block_on(call)?.into_inner())
+    }
+
+    /// `Endpoints.List`.
+    pub fn list(&mut self) -> Result<Vec<proto::Endpoint>, ClientError> {
+        let call = self.endpoints.list(proto::ListEndpointsRequest {});
+        Ok(self.runtime.block_on(call)?.into_inner().endpoints)
+    }
+}
