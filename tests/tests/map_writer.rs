@@ -100,10 +100,13 @@ fn a_restarted_writer_adopts_the_maps() {
     let mut c = Classifier::load().unwrap();
     let state = desired(FRONTEND, FRONTEND, 1);
     MapWriter::new().apply(&mut c.datapath, &state).unwrap();
-    // A new writer knows nothing and reads both generations from the maps.
+    // A new writer knows nothing and reads both generations from the maps:
+    // nothing to write, and no switch.
+    let generation = c.datapath.active_generation().unwrap();
     let stats = MapWriter::new().apply(&mut c.datapath, &state).unwrap();
     assert_eq!(stats.written, 0, "{stats:?}");
     assert_eq!(stats.removed, 0, "{stats:?}");
+    assert_eq!(c.datapath.active_generation().unwrap(), generation);
     assert_eq!(verdict(&mut c, 1000), Some(Reason::AllowedByPolicy));
     // A change after adoption is written as a difference.
     let stats = MapWriter::new()

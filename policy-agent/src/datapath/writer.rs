@@ -50,6 +50,13 @@ struct Contents {
 }
 
 impl Contents {
+    fn holds(&self, desired: &Desired) -> bool {
+        self.endpoints == desired.endpoints
+            && self.peer_ips == desired.peer_ips
+            && self.peer_cidrs == desired.peer_cidrs
+            && self.policy == desired.policy
+    }
+
     fn of(desired: &Desired) -> Self {
         Contents {
             endpoints: desired.endpoints.clone(),
@@ -86,6 +93,10 @@ impl MapWriter {
         desired: &Desired,
     ) -> Result<SyncStats, DatapathError> {
         let staged = self.stage(dp, desired)?;
+        if staged.written == 0 && staged.removed == 0 && staged.before.holds(desired) {
+            // Both generations already hold it: nothing to switch or re-judge.
+            return Ok(SyncStats::default());
+        }
         self.commit(dp, desired, staged)
     }
 
