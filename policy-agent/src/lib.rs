@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod cni;
 pub mod datapath;
 pub mod explain;
 

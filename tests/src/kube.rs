@@ -229,6 +229,9 @@ impl KubeApiServer {
                 .arg(flag("--tls-private-key-file", &key_file))
                 .arg(flag("--token-auth-file", &token_file))
                 .arg("--authorization-mode=RBAC")
+                // As kubeadm, kind and managed clusters run it: the agent's
+                // DaemonSet is privileged.
+                .arg("--allow-privileged=true")
                 // No controller-manager mints service-account tokens.
                 .arg("--disable-admission-plugins=ServiceAccount")
                 .arg(flag("--service-account-key-file", &sa_pub_file))

@@ -7,6 +7,7 @@
 
 mod bench;
 mod build_ebpf;
+mod conformance;
 mod demo;
 mod kube_apiserver;
 mod setup;
@@ -43,6 +44,9 @@ enum Command {
     Demo(demo::Options),
     /// Run a benchmark and print its figures (`datapath`; `--json FILE` to save them).
     Bench(bench::Options),
+    /// Build the classifier and run the reachability scenarios against the
+    /// real agent in network namespaces (as root).
+    Conformance(conformance::Options),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Command::Test(opts) => test::run(opts),
         Command::Demo(opts) => demo::run(opts),
         Command::Bench(opts) => bench::run(opts),
+        Command::Conformance(opts) => conformance::run(opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

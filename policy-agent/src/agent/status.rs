@@ -63,6 +63,10 @@ impl Snapshot {
         let enforced = match container_id {
             Some(id) => match self.endpoint(id) {
                 Some(e) => e.enforced_revision,
+                // This snapshot predates the registration the caller waits
+                // on (Register answers before the published state catches
+                // up): not an unknown endpoint yet.
+                None if self.revision < revision => return WaitState::Pending,
                 None => return WaitState::NotFound,
             },
             None => self.enforced_revision,
@@ -134,6 +138,8 @@ mod tests {
         assert_eq!(s.wait_state(Some("a"), 3), WaitState::Enforced(4));
         assert_eq!(s.wait_state(Some("a"), 5), WaitState::Pending);
         assert_eq!(s.wait_state(Some("b"), 1), WaitState::NotFound);
+        // Registered at revision 6, which this snapshot has not seen yet.
+        assert_eq!(s.wait_state(Some("b"), 6), WaitState::Pending);
         s.failed_revision = 5;
         s.last_error = Some("map full".into());
         assert_eq!(s.wait_state(None, 5), WaitState::Failed("map full".into()));

@@ -250,6 +250,7 @@ mod tests {
         let key = IdentityKey::Labels {
             namespace: Labels::from([("kubernetes.io/metadata.name".into(), "a".into())]),
             pod: Labels::from([("app".into(), "web".into())]),
+            named_ports: Vec::new(),
         };
         let cidr = IdentityKey::Cidr("10.0.0.0/8".parse().unwrap());
         let ids =

@@ -28,6 +28,12 @@ pub enum IdentityKey {
         namespace: Labels,
         /// The pods' labels.
         pod: Labels,
+        /// The pods' named container ports as (name, IP protocol, port),
+        /// sorted. Named ports resolve per destination pod, and policy
+        /// entries are per identity: pods that share labels but not the
+        /// numbers behind their port names must not share an identity.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        named_ports: Vec<(String, u8, u16)>,
     },
     /// Addresses whose longest matching ipBlock prefix is this one (masked).
     Cidr(IpNet),
@@ -46,12 +52,25 @@ impl fmt::Display for IdentityKey {
         }
         match self {
             IdentityKey::Cidr(net) => write!(f, "cidr:{net}"),
-            IdentityKey::Labels { namespace, pod } => {
+            IdentityKey::Labels {
+                namespace,
+                pod,
+                named_ports,
+            } => {
                 f.write_str("ns:{")?;
                 labels(f, namespace)?;
                 f.write_str("} pod:{")?;
                 labels(f, pod)?;
-                f.write_str("}")
+                f.write_str("}")?;
+                if !named_ports.is_empty() {
+                    f.write_str(" ports:{")?;
+                    for (i, (name, protocol, port)) in named_ports.iter().enumerate() {
+                        let sep = if i > 0 { "," } else { "" };
+                        write!(f, "{sep}{name}/{protocol}={port}")?;
+                    }
+                    f.write_str("}")?;
+                }
+                Ok(())
             }
         }
     }
@@ -205,6 +224,7 @@ mod tests {
         IdentityKey::Labels {
             namespace: Labels::from([("kubernetes.io/metadata.name".into(), "ns".into())]),
             pod: Labels::from([("app".into(), app.into())]),
+            named_ports: Vec::new(),
         }
     }
 

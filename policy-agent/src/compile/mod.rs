@@ -140,6 +140,7 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
             .cloned()
             .unwrap_or_else(|| state.namespace_labels(&pod.namespace)),
         pod: pod.labels.clone(),
+        named_ports: named_port_signature(pod),
     };
     let local_pods: Vec<(&ObjectRef, &LocalEndpoint, Option<&Pod>)> = node
         .endpoints
@@ -686,4 +687,16 @@ fn mark_peer_kinds(out: &mut Desired, ids: &IdentityAllocator) {
     for info in out.endpoints.values_mut() {
         info.flags |= flags.get(&info.endpoint_id).copied().unwrap_or(0);
     }
+}
+
+/// A pod's named container ports, as its identity key holds them.
+fn named_port_signature(pod: &Pod) -> Vec<(String, u8, u16)> {
+    let mut ports: Vec<(String, u8, u16)> = pod
+        .named_ports
+        .iter()
+        .map(|p| (p.name.clone(), p.protocol.number(), p.port))
+        .collect();
+    ports.sort();
+    ports.dedup();
+    ports
 }

@@ -592,7 +592,7 @@ spec:
 }
 
 #[test]
-fn named_port_that_differs_within_one_identity_allows_the_common_ports() {
+fn named_port_that_differs_between_pods_with_the_same_labels_resolves_per_pod() {
     let mut f = Fixture::new();
     f.namespace("ns", &[])
         .pod_with_ports(
@@ -621,14 +621,13 @@ spec:
 "#,
         );
     let c = f.compile();
+    // Same labels, different numbers behind `http`: the pods get distinct
+    // identities, so each resolves its own.
     assert!(c.tcp("10.1.0.9", "10.1.0.1", 80));
     assert!(c.tcp("10.1.0.9", "10.1.0.2", 80));
-    assert!(
-        !c.tcp("10.1.0.9", "10.1.0.1", 8080),
-        "not all pods of the identity agree"
-    );
-    assert!(!c.tcp("10.1.0.9", "10.1.0.2", 8080));
-    assert!(c.has(DiagnosticCode::NamedPortInexact));
+    assert!(c.tcp("10.1.0.9", "10.1.0.1", 8080), "pod a names 8080 http");
+    assert!(!c.tcp("10.1.0.9", "10.1.0.2", 8080), "pod b does not");
+    assert!(!c.has(DiagnosticCode::NamedPortInexact));
 }
 
 #[test]
@@ -950,6 +949,7 @@ spec:
     let cache_key = IdentityKey::Labels {
         namespace: f.state.namespace_labels("prod"),
         pod: labels(&[("app", "cache"), ("tier", "back")]),
+        named_ports: Vec::new(),
     };
     let cache_id = f.ids.get(&cache_key).expect("allocated");
     f.state.remove_pod(&ObjectRef::new("prod", "cache"));
@@ -969,6 +969,7 @@ spec:
         .get(&IdentityKey::Labels {
             namespace: f.state.namespace_labels("other"),
             pod: labels(&[("app", "newer")]),
+            named_ports: Vec::new(),
         })
         .expect("allocated");
     assert!(
@@ -993,6 +994,7 @@ fn duplicate_pod_addresses_are_reported() {
     let web_key = IdentityKey::Labels {
         namespace: f.state.namespace_labels("other"),
         pod: labels(&[("app", "dup")]),
+        named_ports: Vec::new(),
     };
     assert_eq!(
         c.desired.peer_ips[&map_addr(&ip(PROD_WEB))].identity,

@@ -1,0 +1,84 @@
+//! `cargo xtask conformance`: builds the classifier, then runs
+//! `palisade-conformance` (tests/src/bin/palisade-conformance) as root on the
+//! reachability scenarios: by default `tests/scenarios` and, when present,
+//! `../shared/scenarios/netpol` (relative to the workspace root).
+
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    build_ebpf,
+    util::{self, cmd},
+};
+
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// A directory of scenario files (repeat for several; default:
+    /// tests/scenarios and ../shared/scenarios/netpol when present).
+    #[arg(long = "scenarios", value_name = "DIR")]
+    pub scenarios: Vec<PathBuf>,
+    /// Where the agent reads the cluster from: `files` or `kube`.
+    #[arg(long, default_value = "files")]
+    pub source: String,
+    /// Run only scenarios whose name or file name contains NAME.
+    #[arg(long, value_name = "NAME")]
+    pub filter: Option<String>,
+}
+
+/// The scenario directories to run.
+fn scenario_dirs(opts: &Options) -> Result<Vec<PathBuf>> {
+    let root = util::workspace_root();
+    if !opts.scenarios.is_empty() {
+        // Absolute, since the runner starts in the workspace root.
+        let cwd = std::env::current_dir().context("current directory")?;
+        return Ok(opts.scenarios.iter().map(|d| cwd.join(d)).collect());
+    }
+    let dirs: Vec<PathBuf> = [
+        root.join("tests/scenarios"),
+        root.join("../shared/scenarios/netpol"),
+    ]
+    .into_iter()
+    .filter_map(|d| d.canonicalize().ok().filter(|d| d.is_dir()))
+    .collect();
+    if dirs.is_empty() {
+        bail!("no scenario directory found: pass --scenarios DIR");
+    }
+    Ok(dirs)
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    util::require_root("cargo xtask conformance")?;
+    let dirs = scenario_dirs(opts)?;
+    build_ebpf::run(&build_ebpf::Options::default())?;
+    let mut args: Vec<String> = [
+        "run",
+        "--quiet",
+        "--package",
+        "palisade-tests",
+        "--bin",
+        "palisade-conformance",
+        "--",
+        "--source",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.push(opts.source.clone());
+    for dir in &dirs {
+        args.push("--scenarios".into());
+        args.push(dir.display().to_string());
+    }
+    if let Some(filter) = &opts.filter {
+        args.extend(["--filter".to_owned(), filter.clone()]);
+    }
+    eprintln!("$ {}", cmd!(util::cargo()).args(&args));
+    // Replace this process so that Ctrl-C reaches the runner, which tears
+    // its namespaces and agent down; its exit status is ours.
+    let err = Command::new(util::cargo())
+        .args(&args)
+        .current_dir(util::workspace_root())
+        .exec();
+    Err(err).context("cannot run cargo")
+}
