@@ -2,6 +2,7 @@
 //! and can write its figures as JSON.
 
 mod datapath;
+mod peers;
 
 use std::path::PathBuf;
 
@@ -19,6 +20,8 @@ struct Cli {
 enum Bench {
     /// The classifier in the kernel via BPF_PROG_TEST_RUN: ns per packet by path.
     Datapath(datapath::Options),
+    /// Palisade against no filter and iptables+ipset (kube-router layout) between two pods, as policies grow.
+    Peers(peers::Options),
 }
 
 /// Where to write the figures, shared by every benchmark.
@@ -42,6 +45,7 @@ impl Output {
 fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Datapath(opts) => datapath::run(&opts),
+        Bench::Peers(opts) => peers::run(&opts),
     }
 }
 
