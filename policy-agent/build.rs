@@ -15,6 +15,9 @@ fn main() {
 /// `proto/palisade/v1/agent.proto` → `$OUT_DIR/palisade.v1.rs` (messages,
 /// client and server).
 fn compile_protos() {
+    // The build script's own rerun-if lines replace cargo's default (rerun
+    // on any change in the package), so the protos must be listed too.
+    println!("cargo:rerun-if-changed=proto");
     let protoc = protoc_bin_vendored::protoc_bin_path()
         .expect("protoc-bin-vendored has no protoc for this build host");
     let mut config = tonic_prost_build::Config::new();

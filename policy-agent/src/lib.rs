@@ -6,6 +6,8 @@ pub mod api;
 pub mod cni;
 pub mod datapath;
 pub mod explain;
+pub mod flows;
+pub mod observe;
 
 pub mod compile;
 pub mod model;

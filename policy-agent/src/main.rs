@@ -35,6 +35,61 @@ enum Command {
     /// Register, unregister or list endpoints (what the CNI plugin does).
     #[command(subcommand)]
     Endpoints(EndpointsCommand),
+    /// Print flow verdicts as the classifier makes them: which policy
+    /// allowed or dropped each connection.
+    Observe(ObserveArgs),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    /// One line per flow.
+    Text,
+    /// One JSON object per line (the API's Flow message).
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct ObserveArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Keep printing new flows as they come (until Ctrl-C).
+    #[arg(short, long)]
+    follow: bool,
+    /// Start with the last N flows of the agent's history (default: 20
+    /// without --follow, 0 with it).
+    #[arg(long, value_name = "N")]
+    last: Option<u32>,
+    /// Stop after SECS seconds.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Either end in this namespace (repeat for several).
+    #[arg(short, long = "namespace", value_name = "NS")]
+    namespaces: Vec<String>,
+    /// Either end is this pod: NAME or NS/NAME (repeat for several).
+    #[arg(long = "pod", value_name = "POD")]
+    pods: Vec<String>,
+    /// Either end is a pod whose labels match (kubectl syntax, e.g.
+    /// `app=web,tier!=db`).
+    #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
+    selector: Option<String>,
+    /// Only allowed or only denied flows.
+    #[arg(long, value_parser = ["allowed", "denied"])]
+    verdict: Option<String>,
+    /// Only flows judged at the pod's ingress or egress.
+    #[arg(long, value_parser = ["ingress", "egress"])]
+    direction: Option<String>,
+    /// TCP, UDP, SCTP, ICMP, ICMPv6 (repeat for several).
+    #[arg(long = "protocol", value_name = "PROTO")]
+    protocols: Vec<String>,
+    /// Either end's port (repeat for several).
+    #[arg(long = "port", value_name = "PORT")]
+    ports: Vec<u32>,
+    /// Decided by, or isolating with, this policy: NAME or NS/NAME.
+    #[arg(long = "policy", value_name = "POLICY")]
+    policies: Vec<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -76,6 +131,9 @@ struct RunArgs {
     /// The API's unix socket.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Flows kept in memory for `observe --last` (0: none).
+    #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_FLOW_HISTORY)]
+    flow_history: usize,
     /// Log lines as text or JSON (level: RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -173,6 +231,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status(&args),
         Command::Wait(args) => wait(&args),
         Command::Endpoints(command) => endpoints(command),
+        Command::Observe(args) => observe(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -224,6 +283,7 @@ fn run(args: RunArgs) -> Result<()> {
         pin_dir: args.pin_dir,
         state_dir: args.state_dir,
         socket: args.socket,
+        flow_history: args.flow_history,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -234,6 +294,64 @@ fn run(args: RunArgs) -> Result<()> {
         tracing::error!(error = format!("{e:#}"), "agent stopped");
     }
     result
+}
+
+fn observe(args: &ObserveArgs) -> Result<()> {
+    use std::io::Write as _;
+
+    let request = proto::ObserveRequest {
+        last: args.last.unwrap_or(if args.follow { 0 } else { 20 }),
+        follow: args.follow,
+        filter: Some(proto::FlowFilter {
+            namespace: args.namespaces.clone(),
+            pod: args.pods.clone(),
+            label_selector: args.selector.clone().unwrap_or_default(),
+            verdict: args.verdict.clone().unwrap_or_default(),
+            direction: args.direction.clone().unwrap_or_default(),
+            protocol: args.protocols.clone(),
+            port: args.ports.clone(),
+            policy: args.policies.clone(),
+        }),
+    };
+    let limit = args
+        .duration
+        .map(|s| Duration::try_from_secs_f64(s).context("invalid --duration"))
+        .transpose()?;
+    let mut client = Client::connect(&args.socket.socket)?;
+    let mut stdout = std::io::stdout().lock();
+    if args.output == OutputFormat::Text {
+        writeln!(stdout, "{}", policy_agent::observe::header())?;
+    }
+    let mut write_error = None;
+    client.observe(request, limit, |item| {
+        let text = match (&item.item, args.output) {
+            (Some(proto::observe_response::Item::Flow(flow)), OutputFormat::Text) => {
+                policy_agent::observe::line(flow)
+            }
+            (Some(proto::observe_response::Item::Lost(lost)), OutputFormat::Text) => {
+                policy_agent::observe::lost_line(lost)
+            }
+            (Some(proto::observe_response::Item::Flow(flow)), OutputFormat::Json) => {
+                serde_json::to_string(flow).unwrap_or_default()
+            }
+            (Some(proto::observe_response::Item::Lost(lost)), OutputFormat::Json) => {
+                serde_json::json!({ "lost": lost }).to_string()
+            }
+            (None, _) => return true,
+        };
+        // A closed pipe (`| head`) ends the stream quietly.
+        match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                write_error = Some(e);
+                false
+            }
+        }
+    })?;
+    match write_error {
+        Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn secs(s: f64) -> Result<Duration> {

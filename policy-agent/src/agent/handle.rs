@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::endpoints::{EndpointRecord, EndpointSpec};
 use super::metrics::Metrics;
 use super::status::{Snapshot, WaitState};
+use crate::flows::FlowHub;
 use crate::source::files::FilesHandle;
 
 /// A request to the reconciler.
@@ -81,6 +82,7 @@ pub struct AgentHandle {
     pub(crate) files: Option<FilesHandle>,
     pub(crate) started: Instant,
     pub(crate) boot_id: String,
+    pub(crate) flows: Arc<FlowHub>,
 }
 
 impl AgentHandle {

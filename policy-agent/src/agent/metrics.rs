@@ -2,11 +2,15 @@
 //! that serves it is a later step; for now [`Metrics::samples`] feeds the
 //! status API, which lists every sample.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+use crate::flows::FlowMetrics;
 
 /// Labels of per-kind source counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,6 +81,8 @@ pub struct Metrics {
     /// The agent's revision and the last enforced one.
     pub revision: Gauge,
     pub enforced_revision: Gauge,
+    /// The flow pipeline's counters.
+    pub flows: Arc<FlowMetrics>,
 }
 
 impl Default for Metrics {
@@ -104,7 +110,9 @@ impl Metrics {
             diagnostics_active: Family::default(),
             revision: Gauge::default(),
             enforced_revision: Gauge::default(),
+            flows: Arc::default(),
         };
+        this.flows.register(&mut this.registry);
         this.registry.register(
             "source_updates",
             "Updates received from the source, by kind",

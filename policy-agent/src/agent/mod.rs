@@ -33,6 +33,7 @@ use self::handle::AgentHandle;
 use self::metrics::Metrics;
 use self::reconciler::{Inputs, Reconciler, ReconcilerConfig};
 use self::store::StateStore;
+use crate::flows::{FlowHub, FlowPipeline};
 use crate::source::SourceUpdate;
 use crate::source::files::FilesSource;
 
@@ -62,7 +63,12 @@ pub struct AgentConfig {
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    /// Flows kept for replay to observers.
+    pub flow_history: usize,
 }
+
+/// Flows kept for replay by default (about 2 MB).
+pub const DEFAULT_FLOW_HISTORY: usize = 8192;
 
 /// Runs the agent until SIGTERM or SIGINT (or a fatal error). Stopping
 /// leaves the links and maps pinned: enforcement goes on, and the next
@@ -128,23 +134,33 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     return;
                 }
             };
-            let started = Reconciler::start(reconciler_config, store, reconciler_metrics, sinks);
+            let started = Reconciler::start(reconciler_config, store, reconciler_metrics, sinks)
+                .map_err(anyhow::Error::from)
+                .and_then(|(mut reconciler, status)| {
+                    let tap = reconciler.take_flow_tap().context("the flow ring buffer")?;
+                    Ok((reconciler, status, tap))
+                });
             match started {
-                Ok((reconciler, status)) => {
-                    let _ = started_tx.send(Ok(status));
+                Ok((reconciler, status, tap)) => {
+                    let _ = started_tx.send(Ok((status, tap)));
                     runtime.block_on(reconciler.run(inputs));
                 }
                 Err(e) => {
-                    let _ = started_tx.send(Err(e.into()));
+                    let _ = started_tx.send(Err(e));
                 }
             }
         })
         .context("spawning the reconciler thread")?;
-    let status = match started_rx.await {
-        Ok(Ok(status)) => status,
+    let (status, (tap, names)) = match started_rx.await {
+        Ok(Ok(started)) => started,
         Ok(Err(e)) => return Err(e),
         Err(_) => anyhow::bail!("the reconciler thread died while starting"),
     };
+
+    // The flow pipeline, on the API's runtime: it only reads.
+    let flows = Arc::new(FlowHub::new(config.flow_history));
+    let pipeline = FlowPipeline::new(tap, names, flows.clone(), metrics.flows.clone());
+    let pipeline_task = tokio::spawn(pipeline.run());
 
     let handle = AgentHandle {
         commands: command_tx,
@@ -153,6 +169,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         files,
         started,
         boot_id: boot_id(),
+        flows,
     };
     let listener = crate::api::socket::bind(&config.socket)?;
     tracing::info!(
@@ -179,6 +196,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             Err(e) => Err(anyhow::Error::from(e).context("the source task")),
         },
         _ = &mut reconciler_done => Err(anyhow::anyhow!("the reconciler stopped unexpectedly")),
+        result = pipeline_task => match result {
+            Ok(Ok(())) => Err(anyhow::anyhow!("the flow pipeline stopped")),
+            Ok(Err(e)) => Err(anyhow::Error::from(e).context("the flow pipeline failed")),
+            Err(e) => Err(anyhow::Error::from(e).context("the flow pipeline task")),
+        },
     };
 
     let _ = stop_api_tx.send(());

@@ -40,7 +40,8 @@ use super::status::{EndpointStatus, Snapshot};
 use super::store::StateStore;
 use crate::compile::{Desired, IdentityAllocator, IdentityKey, NodeScope, compile};
 use crate::datapath::writer::MapWriter;
-use crate::datapath::{Adopted, Datapath, DatapathError};
+use crate::datapath::{Adopted, Datapath, DatapathError, FlowReader, LostCounter};
+use crate::flows::{FlowNames, FlowTap};
 use crate::model::convert::rejected;
 use crate::model::{ClusterState, Diagnostic, ObjectKind, ObjectRef};
 use crate::source::files::FileProblem;
@@ -105,6 +106,8 @@ pub struct Reconciler {
     metrics: Arc<Metrics>,
     reporter: Reporter,
     status: watch::Sender<Arc<Snapshot>>,
+    /// What the flow pipeline names flows with, as last programmed.
+    flow_names: watch::Sender<Arc<FlowNames>>,
 
     state: ClusterState,
     /// Objects whose conversion failed, by kind and coordinates.
@@ -161,6 +164,7 @@ impl Reconciler {
             store,
             metrics,
             status,
+            flow_names: watch::channel(Arc::new(FlowNames::default())).0,
             state: ClusterState::new(),
             rejected: BTreeMap::new(),
             kinds_seen: BTreeSet::new(),
@@ -178,6 +182,18 @@ impl Reconciler {
         this.adopt_links();
         this.publish();
         Ok((this, status_rx))
+    }
+
+    /// Takes the ring buffer and lost counter out of the datapath, for the
+    /// flow pipeline, with the names it should use.
+    pub fn take_flow_tap(
+        &mut self,
+    ) -> Result<(FlowTap, watch::Receiver<Arc<FlowNames>>), DatapathError> {
+        let tap = FlowTap {
+            reader: FlowReader::take(&mut self.dp)?,
+            lost: LostCounter::take(&mut self.dp)?,
+        };
+        Ok((tap, self.flow_names.subscribe()))
     }
 
     /// Handles inputs until shutdown (or until every input is closed).
@@ -646,9 +662,20 @@ impl Reconciler {
             endpoints: self.registry.local_endpoints(),
         };
         let started = std::time::Instant::now();
-        let desired = {
+        let (desired, names) = {
             let input = Self::compile_input(&self.state, &self.registry);
-            compile(&input, &scope, &mut self.ids)
+            let desired = compile(&input, &scope, &mut self.ids);
+            let names = (self.flow_names.receiver_count() > 0).then(|| {
+                FlowNames::build(
+                    revision,
+                    &input,
+                    &scope.node_ips,
+                    &scope.endpoints,
+                    &desired,
+                    &self.ids,
+                )
+            });
+            (desired, names)
         };
         let mut diagnostics = desired.diagnostics.clone();
         diagnostics.extend(self.rejected.values().cloned());
@@ -697,6 +724,9 @@ impl Reconciler {
                     .map(|r| (r.container_id.clone(), revision))
                     .collect();
                 self.last_applied = Some(desired);
+                if let Some(names) = names {
+                    self.flow_names.send_replace(Arc::new(names));
+                }
             }
             Err(e) => self.apply_failed(revision, &e),
         }

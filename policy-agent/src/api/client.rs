@@ -12,7 +12,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::proto::{self, endpoints_client::EndpointsClient, status_client::StatusClient};
+use super::proto::{
+    self, endpoints_client::EndpointsClient, flows_client::FlowsClient, status_client::StatusClient,
+};
 /// gRPC status codes, as [`ClientError::code`] returns them.
 pub use tonic::Code;
 
@@ -92,6 +94,7 @@ pub struct Client {
     runtime: tokio::runtime::Runtime,
     endpoints: EndpointsClient<Channel>,
     status: StatusClient<Channel>,
+    flows: FlowsClient<Channel>,
 }
 
 impl Client {
@@ -105,6 +108,7 @@ impl Client {
         Ok(Self {
             runtime,
             endpoints: EndpointsClient::new(channel.clone()),
+            flows: FlowsClient::new(channel.clone()),
             status: StatusClient::new(channel),
         })
     }
@@ -169,5 +173,31 @@ impl Client {
     pub fn list(&mut self) -> Result<Vec<proto::Endpoint>, ClientError> {
         let call = self.endpoints.list(proto::ListEndpointsRequest {});
         Ok(self.runtime.block_on(call)?.into_inner().endpoints)
+    }
+
+    /// `Flows.Observe`: calls `on_item` for each response until the stream
+    /// ends, `on_item` returns false, or `limit` has passed.
+    pub fn observe(
+        &mut self,
+        request: proto::ObserveRequest,
+        limit: Option<Duration>,
+        mut on_item: impl FnMut(proto::ObserveResponse) -> bool,
+    ) -> Result<(), ClientError> {
+        let flows = &mut self.flows;
+        let stream = async move {
+            let mut stream = flows.observe(request).await?.into_inner();
+            while let Some(item) = stream.message().await? {
+                if !on_item(item) {
+                    break;
+                }
+            }
+            Ok::<(), ClientError>(())
+        };
+        self.runtime.block_on(async move {
+            match limit {
+                Some(limit) => tokio::time::timeout(limit, stream).await.unwrap_or(Ok(())),
+                None => stream.await,
+            }
+        })
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod client;
 mod convert;
+pub mod flows;
 pub mod server;
 pub mod socket;
 

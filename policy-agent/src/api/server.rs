@@ -24,8 +24,14 @@ pub async fn serve(
     handle: AgentHandle,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let flows = super::flows::FlowsApi {
+        hub: handle.flows.clone(),
+        metrics: handle.metrics.flows.clone(),
+        node_name: handle.status().node_name.clone(),
+    };
     let api = Api { handle };
     tonic::transport::Server::builder()
+        .add_service(proto::flows_server::FlowsServer::new(flows))
         .add_service(endpoints_server::EndpointsServer::new(api.clone()))
         .add_service(status_server::StatusServer::new(api))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)

@@ -1,6 +1,6 @@
 //! Reading flow events from the ring buffer.
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use policy_common::{
     FlowEvent,
     event::{DecodeError, DecodedCodes},
@@ -50,5 +50,39 @@ impl FlowReader {
     pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self.ring.as_raw_fd()
+    }
+}
+
+impl std::os::fd::AsRawFd for FlowReader {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        FlowReader::as_raw_fd(self)
+    }
+}
+
+/// The classifier's count of records it could not put into the ring buffer.
+pub struct LostCounter {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl LostCounter {
+    /// Takes the counter out of `datapath` (whose `events_lost` then fails).
+    pub fn take(datapath: &mut Datapath) -> Result<Self, DatapathError> {
+        let name = names::EVENTS_LOST;
+        let map = datapath
+            .ebpf
+            .take_map(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })?;
+        let map =
+            PerCpuArray::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        Ok(Self { map })
+    }
+
+    /// Records lost so far, summed over CPUs.
+    pub fn read(&self) -> Result<u64, DatapathError> {
+        let per_cpu = self.map.get(&0, 0).map_err(|source| DatapathError::Map {
+            name: names::EVENTS_LOST,
+            source,
+        })?;
+        Ok(per_cpu.iter().sum())
     }
 }

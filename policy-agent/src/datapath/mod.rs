@@ -14,7 +14,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
 };
-pub use events::{FlowReader, ReadEvent};
+pub use events::{FlowReader, LostCounter, ReadEvent};
 pub use maps::{PeerCidrKey, cidr_key};
 use policy_common::{Config, Direction, names};
 

@@ -14,6 +14,7 @@ pub mod error;
 pub mod objects;
 pub mod policy;
 pub mod selector;
+pub mod selector_text;
 pub mod state;
 
 pub use diagnostic::{Diagnostic, DiagnosticCode, ObjectKind, Severity};
@@ -21,4 +22,5 @@ pub use error::ConvertError;
 pub use objects::{NAMESPACE_NAME_LABEL, NamedPort, Namespace, ObjectRef, Pod};
 pub use policy::{IpBlock, Peer, Peers, Policy, PolicyPort, PortRef, Ports, Protocol, Rule};
 pub use selector::{LabelSelector, Labels, Operator, Requirement, SelectorError};
+pub use selector_text::{SelectorTextError, parse_selector};
 pub use state::ClusterState;
