@@ -178,13 +178,9 @@ mod tests {
             ..Default::default()
         };
         let text = line(&flow);
-        assert!(
-            text.contains("a/x -> 192.0.2.1 (192.0.2.0/24)")
-                || text.contains("192.0.2.1 (192.0.2.0/24)"),
-            "{text}"
-        );
+        assert!(text.contains("-> 192.0.2.1 (192.0.2.0/24)"), "{text}");
         assert!(text.contains("ALLOWED"), "{text}");
         assert!(text.contains("by a/egress-out egress[1]"), "{text}");
-        assert!(!text.contains(":0"), "ICMP has no ports: {text}");
+        assert!(!text.contains("a/x:"), "ICMP has no ports: {text}");
     }
 }
