@@ -79,6 +79,11 @@ impl Classifier {
         })
     }
 
+    /// Where its maps are pinned: a second [`Datapath::load`] there shares them.
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pin_dir
+    }
+
     /// Registers the endpoint behind [`TEST_IFINDEX`], at epoch 1 unless it has one.
     ///
     /// The fixture writes generation 0, which the classifier reads until a map

@@ -11,7 +11,7 @@ use crate::{
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
-    /// Benchmark to run: `datapath`.
+    /// Benchmark to run: `datapath`, `flows`, `peers` (`control-plane` when built).
     pub name: String,
     /// Arguments for the benchmark (e.g. `--json FILE`, `--entries 1,10000`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -2,6 +2,7 @@
 //! and can write its figures as JSON.
 
 mod datapath;
+mod flows;
 mod peers;
 
 use std::path::PathBuf;
@@ -20,6 +21,8 @@ struct Cli {
 enum Bench {
     /// The classifier in the kernel via BPF_PROG_TEST_RUN: ns per packet by path.
     Datapath(datapath::Options),
+    /// Flow events through the agent's pipeline at growing rates: decoded per second, lost.
+    Flows(flows::Options),
     /// Palisade against no filter and iptables+ipset (kube-router layout) between two pods, as policies grow.
     Peers(peers::Options),
 }
@@ -46,6 +49,7 @@ fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Datapath(opts) => datapath::run(&opts),
         Bench::Peers(opts) => peers::run(&opts),
+        Bench::Flows(opts) => flows::run(&opts),
     }
 }
 
