@@ -1,7 +1,7 @@
 //! `policy-agent`: the Palisade node agent (`run`) and a small client for
 //! its API (`status`, `wait`, `endpoints register|unregister|list`).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -76,6 +76,11 @@ struct RunArgs {
     /// The API's unix socket.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Serve the metrics for Prometheus at http://ADDR/metrics (e.g.
+    /// 127.0.0.1:9963 or [::]:9963; port 0 picks a free one). Off by
+    /// default: without it no TCP socket is opened.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Log lines as text or JSON (level: RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -224,6 +229,7 @@ fn run(args: RunArgs) -> Result<()> {
         pin_dir: args.pin_dir,
         state_dir: args.state_dir,
         socket: args.socket,
+        metrics_listen: args.metrics_listen,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

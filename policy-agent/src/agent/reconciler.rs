@@ -650,13 +650,18 @@ impl Reconciler {
             let input = Self::compile_input(&self.state, &self.registry);
             compile(&input, &scope, &mut self.ids)
         };
+        self.metrics.observe_compile(started.elapsed());
         let mut diagnostics = desired.diagnostics.clone();
         diagnostics.extend(self.rejected.values().cloned());
         self.reporter.compiled(&diagnostics);
         self.save_identities();
 
-        match self.writer.apply(&mut self.dp, &desired) {
+        let applying = std::time::Instant::now();
+        let applied = self.writer.apply(&mut self.dp, &desired);
+        self.metrics.observe_apply(applying.elapsed());
+        match applied {
             Ok(stats) => {
+                self.metrics.map_occupancy(&desired);
                 self.metrics
                     .reconciles
                     .get_or_create(&ResultLabels {
