@@ -1,7 +1,8 @@
 //! `policy-agent`: the Palisade node agent (`run`) and a small client for
-//! its API (`status`, `wait`, `endpoints register|unregister|list`).
+//! its API (`status`, `wait`, `endpoints register|unregister|list`,
+//! `explain`, which also works offline on a directory of manifests).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use policy_agent::agent::{self, AgentConfig, SourceConfig};
 use policy_agent::api::client::Client;
-use policy_agent::api::{DEFAULT_SOCKET, proto};
+use policy_agent::api::{DEFAULT_SOCKET, explain_query, explain_response, proto};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,13 +39,18 @@ enum Command {
     /// Print flow verdicts as the classifier makes them: which policy
     /// allowed or dropped each connection.
     Observe(ObserveArgs),
+    /// Say whether a connection is allowed and why: which policies select
+    /// each end, and how each of their rules fares. Asks the running agent,
+    /// or, with --dir, reads a directory of manifests as `run --source
+    /// files` does. Exit status: 0 allowed, 1 denied, 2 error.
+    Explain(ExplainArgs),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum OutputFormat {
-    /// One line per flow.
+    /// For a person: one line per flow (observe), the explanation (explain).
     Text,
-    /// One JSON object per line (the API's Flow message).
+    /// The API's messages as JSON (observe: one Flow object per line).
     Json,
 }
 
@@ -134,10 +140,49 @@ struct RunArgs {
     /// Flows kept in memory for `observe --last` (0: none).
     #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_FLOW_HISTORY)]
     flow_history: usize,
+    /// Serve the metrics for Prometheus at http://ADDR/metrics (e.g.
+    /// 127.0.0.1:9963 or [::]:9963; port 0 picks a free one). Off by
+    /// default: without it no TCP socket is opened.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Log lines as text or JSON (level: RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
+
+#[derive(Args, Debug)]
+struct ExplainArgs {
+    /// Who opens the connection: a pod ("namespace/name"), "node" (the
+    /// node of the other end), or an IP address.
+    #[arg(long, value_name = "PARTY")]
+    from: String,
+    /// Who it goes to (same forms as --from).
+    #[arg(long, value_name = "PARTY")]
+    to: String,
+    /// The destination port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    port: u16,
+    /// TCP, UDP or SCTP.
+    #[arg(long, default_value = "TCP")]
+    protocol: String,
+    /// The agent's API socket (not with --dir).
+    #[arg(long, default_value = DEFAULT_SOCKET, conflicts_with = "dir")]
+    socket: PathBuf,
+    /// Explain offline: read the cluster from this directory of manifests
+    /// (as `run --source files --dir` does) instead of asking the agent.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// With --dir: the node's addresses (repeat for several); peers with
+    /// them are the node.
+    #[arg(long = "node-ip", value_name = "IP", requires = "dir")]
+    node_ips: Vec<IpAddr>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+/// Exit status of `explain` for an error (0 allowed, 1 denied).
+const EXPLAIN_ERROR: u8 = 2;
 
 #[derive(Args, Debug)]
 struct SocketArg {
@@ -226,12 +271,23 @@ struct RegisterArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Explain(args) = &cli.command {
+        return match explain(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("policy-agent: {e:#}");
+                ExitCode::from(EXPLAIN_ERROR)
+            }
+        };
+    }
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Status(args) => status(&args),
         Command::Wait(args) => wait(&args),
         Command::Endpoints(command) => endpoints(command),
         Command::Observe(args) => observe(&args),
+        Command::Explain(_) => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -284,6 +340,7 @@ fn run(args: RunArgs) -> Result<()> {
         state_dir: args.state_dir,
         socket: args.socket,
         flow_history: args.flow_history,
+        metrics_listen: args.metrics_listen,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -442,6 +499,60 @@ fn print_endpoints(endpoints: &[proto::Endpoint]) {
             e.enforced_revision
         );
     }
+}
+
+/// `policy-agent explain`: prints the explanation, returns whether the
+/// connection is allowed.
+fn explain(args: &ExplainArgs) -> Result<bool> {
+    let request = proto::ExplainRequest {
+        from: args.from.clone(),
+        to: args.to.clone(),
+        protocol: args.protocol.clone(),
+        port: u32::from(args.port),
+    };
+    // The same checks as the agent's, before anything is read or sent.
+    let query = explain_query(&request)?;
+    let response = match &args.dir {
+        Some(dir) => explain_offline(dir, &args.node_ips, &query)?,
+        None => Client::connect(&args.socket)?.explain(request)?,
+    };
+    match args.output {
+        OutputFormat::Text => print!("{}", response.text),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&response)?),
+    }
+    Ok(response.allowed)
+}
+
+/// Explains `query` against the manifests of `dir`, loaded with the files
+/// source's loader and compiled with the agent's compiler. Problems with
+/// the input are reported on stderr.
+fn explain_offline(
+    dir: &std::path::Path,
+    node_ips: &[IpAddr],
+    query: &policy_agent::explain::Query,
+) -> Result<proto::ExplainResponse> {
+    use policy_agent::model::{ClusterState, Severity};
+    let loaded = policy_agent::source::files::load_dir(dir)?;
+    for p in &loaded.problems {
+        eprintln!(
+            "{}: {}: {} ({})",
+            p.severity.as_str(),
+            p.path.display(),
+            p.message,
+            p.code
+        );
+    }
+    let (state, rejected) =
+        ClusterState::from_k8s(&loaded.namespaces, &loaded.pods, &loaded.policies);
+    for d in rejected
+        .iter()
+        .chain(state.diagnostics())
+        .filter(|d| d.severity != Severity::Info)
+    {
+        eprintln!("{d}");
+    }
+    let explanation = policy_agent::explain::explain(&state, node_ips, query)?;
+    Ok(explain_response(&explanation, 0))
 }
 
 fn wait(args: &WaitArgs) -> Result<()> {

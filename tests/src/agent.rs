@@ -179,6 +179,16 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent on `dirs` and waits until its API answers.
     pub fn start(dirs: &AgentDirs, options: &AgentOptions) -> Result<Self> {
+        Self::start_with_args(dirs, options, &[])
+    }
+
+    /// [`Agent::start`], with more arguments for `policy-agent run` (e.g.
+    /// `--metrics-listen`).
+    pub fn start_with_args(
+        dirs: &AgentDirs,
+        options: &AgentOptions,
+        extra_args: &[String],
+    ) -> Result<Self> {
         let binary = binary()?;
         let log = OpenOptions::new()
             .create(true)
@@ -204,6 +214,7 @@ impl Agent {
         for ip in &options.node_ips {
             command.arg("--node-ip").arg(ip.to_string());
         }
+        command.args(extra_args);
         // Kept open until spawn returns; entered in the child before exec.
         let netns = options
             .netns

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::endpoints::{EndpointRecord, EndpointSpec};
 use super::metrics::Metrics;
 use super::status::{Snapshot, WaitState};
+use crate::explain::{ExplainError, Explanation, Query};
 use crate::flows::FlowHub;
 use crate::source::files::FilesHandle;
 
@@ -24,6 +25,15 @@ pub enum Command {
     /// The current revision, after every update already sent by the source
     /// has been taken in.
     Revision(oneshot::Sender<u64>),
+    /// Explains a connection against the state the reconciler compiles.
+    Explain(Query, oneshot::Sender<Result<Explained, CommandError>>),
+}
+
+/// An explanation, and the revision of the state it explains.
+#[derive(Clone, Debug)]
+pub struct Explained {
+    pub explanation: Explanation,
+    pub revision: u64,
 }
 
 /// A registration done.
@@ -56,6 +66,10 @@ pub enum CommandError {
     Registry(#[from] super::endpoints::RegistryError),
     #[error("{0}")]
     Datapath(#[from] crate::datapath::DatapathError),
+    #[error("the agent has not compiled the cluster state yet ({0})")]
+    NotCompiled(String),
+    #[error(transparent)]
+    Explain(#[from] ExplainError),
     #[error("the agent is stopping")]
     Stopped,
 }
@@ -107,6 +121,12 @@ impl AgentHandle {
     pub async fn unregister(&self, container_id: String) -> Result<Unregistered, CommandError> {
         self.call(|tx| Command::Unregister(container_id, tx))
             .await?
+    }
+
+    /// Explains `query` against the reconciler's current state (see the
+    /// API's `Explain`).
+    pub async fn explain(&self, query: Query) -> Result<Explained, CommandError> {
+        self.call(|tx| Command::Explain(query, tx)).await?
     }
 
     /// Has the source re-read what it can, then returns the revision that

@@ -1,14 +1,24 @@
-//! The agent's metrics: one `prometheus-client` registry. The HTTP endpoint
-//! that serves it is a later step; for now [`Metrics::samples`] feeds the
-//! status API, which lists every sample.
+//! The agent's metrics: one `prometheus-client` registry, served by
+//! `policy-agent run --metrics-listen ADDR` at `GET /metrics`
+//! ([`super::metrics_http`]) and listed sample by sample in the status API
+//! ([`Metrics::samples`]).
+//!
+//! Other modules may keep metrics of their own in this registry: add a
+//! public field and register it in [`Metrics::new`].
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use policy_common::{GENERATIONS, capacity};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::compile::Desired;
 
 use crate::flows::FlowMetrics;
 
@@ -51,6 +61,35 @@ pub struct OperationLabels {
     pub result: String,
 }
 
+/// Labels of map occupancy gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    /// `endpoints`, `peer_ips`, `peer_cidrs`, `policy`.
+    pub map: String,
+}
+
+impl MapLabels {
+    fn new(map: &str) -> Self {
+        Self {
+            map: map.to_owned(),
+        }
+    }
+}
+
+/// The maps whose occupancy is reported: the verdict maps the writer fills
+/// from the compiler's output, with their capacity (both generations).
+const OCCUPANCY_MAPS: [(&str, u32); 4] = [
+    ("endpoints", capacity::ENDPOINTS * GENERATIONS),
+    ("peer_ips", capacity::PEER_IPS),
+    ("peer_cidrs", capacity::PEER_CIDRS),
+    ("policy", capacity::POLICY),
+];
+
+/// Buckets of the latency histograms: 100 µs doubling to about 6.5 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
 /// Every metric of the agent, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -83,6 +122,16 @@ pub struct Metrics {
     pub enforced_revision: Gauge,
     /// The flow pipeline's counters.
     pub flows: Arc<FlowMetrics>,
+    /// Seconds spent compiling the cluster state into map contents.
+    pub compile_seconds: Histogram,
+    /// Seconds spent applying compiled contents to the maps (successful or
+    /// not).
+    pub apply_seconds: Histogram,
+    /// Entries of each verdict map after the last successful apply, both
+    /// generations counted (each holds the whole state after an apply).
+    pub map_entries: Family<MapLabels, Gauge>,
+    /// Capacity (max_entries) of each verdict map.
+    pub map_capacity: Family<MapLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -111,6 +160,10 @@ impl Metrics {
             revision: Gauge::default(),
             enforced_revision: Gauge::default(),
             flows: Arc::default(),
+            compile_seconds: latency_histogram(),
+            apply_seconds: latency_histogram(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
         };
         this.flows.register(&mut this.registry);
         this.registry.register(
@@ -180,7 +233,60 @@ impl Metrics {
             "The last revision programmed into the maps",
             this.enforced_revision.clone(),
         );
+        this.registry.register_with_unit(
+            "compile_duration",
+            "Time to compile the cluster state into map contents",
+            Unit::Seconds,
+            this.compile_seconds.clone(),
+        );
+        this.registry.register_with_unit(
+            "apply_duration",
+            "Time to apply compiled contents to the maps (successful or not)",
+            Unit::Seconds,
+            this.apply_seconds.clone(),
+        );
+        this.registry.register(
+            "map_entries",
+            "Entries of each verdict map after the last successful apply (both generations)",
+            this.map_entries.clone(),
+        );
+        this.registry.register(
+            "map_capacity",
+            "Capacity (max_entries) of each verdict map",
+            this.map_capacity.clone(),
+        );
+        for (map, capacity) in OCCUPANCY_MAPS {
+            this.map_capacity
+                .get_or_create(&MapLabels::new(map))
+                .set(i64::from(capacity));
+            this.map_entries.get_or_create(&MapLabels::new(map)).set(0);
+        }
         this
+    }
+
+    /// Records the occupancy of the maps after `desired` was applied.
+    pub fn map_occupancy(&self, desired: &Desired) {
+        let generations = i64::from(GENERATIONS);
+        for (map, count) in [
+            ("endpoints", desired.endpoints.len()),
+            ("peer_ips", desired.peer_ips.len()),
+            ("peer_cidrs", desired.peer_cidrs.len()),
+            ("policy", desired.policy.len()),
+        ] {
+            self.map_entries
+                .get_or_create(&MapLabels::new(map))
+                .set(count as i64 * generations);
+        }
+    }
+
+    /// Records one compile's duration.
+    pub fn observe_compile(&self, elapsed: Duration) {
+        self.compile_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one apply's duration.
+    pub fn observe_apply(&self, elapsed: Duration) {
+        self.apply_seconds.observe(elapsed.as_secs_f64());
     }
 
     /// The registry in the Prometheus text format.
@@ -252,5 +358,71 @@ mod tests {
             labels: String::new(),
             value: 7.0,
         }));
+    }
+
+    #[test]
+    fn latency_histograms_and_map_occupancy() {
+        let metrics = Metrics::new();
+        metrics.observe_compile(Duration::from_millis(3));
+        metrics.observe_apply(Duration::from_millis(20));
+        let mut desired = Desired::default();
+        desired
+            .endpoints
+            .insert(7, policy_common::EndpointInfo::default());
+        metrics.map_occupancy(&desired);
+        let text = metrics.encode();
+        assert!(
+            text.contains("# UNIT palisade_agent_compile_duration_seconds seconds"),
+            "{text}"
+        );
+        let samples = metrics.samples();
+        let value = |name: &str, labels: &str| {
+            samples
+                .iter()
+                .find(|s| s.name == name && s.labels == labels)
+                .map(|s| s.value)
+        };
+        assert_eq!(
+            value("palisade_agent_compile_duration_seconds_count", ""),
+            Some(1.0)
+        );
+        assert_eq!(
+            value("palisade_agent_apply_duration_seconds_count", ""),
+            Some(1.0)
+        );
+        let sum = value("palisade_agent_apply_duration_seconds_sum", "").unwrap();
+        assert!((sum - 0.02).abs() < 1e-9, "{sum}");
+        // Seconds: 20 ms is above the 12.8 ms bucket and within the 25.6 ms one.
+        let bucket = |le: f64| {
+            samples
+                .iter()
+                .find(|s| {
+                    s.name == "palisade_agent_apply_duration_seconds_bucket"
+                        && s.labels
+                            .trim_start_matches("le=\"")
+                            .trim_end_matches('"')
+                            .parse::<f64>()
+                            .is_ok_and(|b| (b - le).abs() < 1e-9)
+                })
+                .map(|s| s.value)
+        };
+        assert_eq!(bucket(0.0128), Some(0.0));
+        assert_eq!(bucket(0.0256), Some(1.0));
+        assert_eq!(
+            value("palisade_agent_map_entries", r#"map="endpoints""#),
+            Some(2.0)
+        );
+        assert_eq!(
+            value("palisade_agent_map_entries", r#"map="policy""#),
+            Some(0.0)
+        );
+        assert_eq!(
+            value("palisade_agent_map_capacity", r#"map="endpoints""#),
+            Some(8192.0)
+        );
+        assert_eq!(
+            value("palisade_agent_map_capacity", r#"map="peer_ips""#),
+            Some(262_144.0)
+        );
     }
 }

@@ -4,7 +4,8 @@
 //! * [`reconciler`]: the one owner of state, registry, identities and maps.
 //! * [`handle`]: how the API talks to it; [`status`]: what it publishes.
 //! * [`endpoints`]: the endpoint registry; [`store`]: the state directory.
-//! * [`report`], [`metrics`], [`diagnostics`], [`events`]: what it tells.
+//! * [`report`], [`metrics`], [`diagnostics`], [`events`]: what it tells;
+//!   [`metrics_http`]: the Prometheus endpoint (`--metrics-listen`).
 //! * [`flush`]: forgetting an endpoint's connections.
 //!
 //! [`run`] wires them with a source and the API server.
@@ -15,12 +16,13 @@ pub mod events;
 pub mod flush;
 pub mod handle;
 pub mod metrics;
+pub mod metrics_http;
 pub mod reconciler;
 pub mod report;
 pub mod status;
 pub mod store;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -65,6 +67,9 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     /// Flows kept for replay to observers.
     pub flow_history: usize,
+    /// Where to serve `GET /metrics` (Prometheus); `None`: nowhere, no
+    /// socket is opened.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Flows kept for replay by default (about 2 MB).
@@ -171,6 +176,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         boot_id: boot_id(),
         flows,
     };
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            metrics_http::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?,
+        ),
+        None => None,
+    };
     let listener = crate::api::socket::bind(&config.socket)?;
     tracing::info!(
         node = %config.node_name,
@@ -181,6 +194,19 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         "agent started"
     );
     let (stop_api_tx, stop_api_rx) = oneshot::channel::<()>();
+    let (stop_metrics_tx, stop_metrics_rx) = oneshot::channel::<()>();
+    if let Some(listener) = metrics_listener {
+        let address =
+            metrics_http::local_addr(&listener).map_or_else(|| "?".to_owned(), |a| a.to_string());
+        tracing::info!(%address, "metrics endpoint listening (GET /metrics)");
+        tokio::spawn(metrics_http::serve(
+            listener,
+            handle.metrics.clone(),
+            async {
+                let _ = stop_metrics_rx.await;
+            },
+        ));
+    }
     let api = tokio::spawn(crate::api::server::serve(listener, handle, async {
         let _ = stop_api_rx.await;
     }));
@@ -204,6 +230,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     };
 
     let _ = stop_api_tx.send(());
+    let _ = stop_metrics_tx.send(());
     if let Ok(Err(e)) = api.await {
         tracing::warn!(error = %e, "API server");
     }

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use super::diagnostics::DiagnosticSink;
 use super::endpoints::{EndpointRecord, EndpointRegistry, EndpointSpec, Registration};
 use super::flush::flush_endpoint;
-use super::handle::{Command, CommandError, Registered, Unregistered};
+use super::handle::{Command, CommandError, Explained, Registered, Unregistered};
 use super::metrics::{ApplyErrorLabels, KindLabels, Metrics, OperationLabels, ResultLabels};
 use super::report::Reporter;
 use super::status::{EndpointStatus, Snapshot};
@@ -403,7 +403,30 @@ impl Reconciler {
                 }
                 let _ = reply.send(self.revision);
             }
+            Command::Explain(query, reply) => {
+                let _ = reply.send(self.explain(&query));
+            }
         }
+    }
+
+    /// Explains `query` against what the reconciler compiles: the same
+    /// input (pods filled with registered addresses) and node addresses.
+    fn explain(&self, query: &crate::explain::Query) -> Result<Explained, CommandError> {
+        if self.last_applied.is_none() && self.failure.is_none() {
+            let waiting = self.waiting_for();
+            return Err(CommandError::NotCompiled(if waiting.is_empty() {
+                "first compile pending".to_owned()
+            } else {
+                format!("waiting for {}", waiting.join(", "))
+            }));
+        }
+        let input = Self::compile_input(&self.state, &self.registry);
+        let node_ips = self.node_ips.as_deref().unwrap_or_default();
+        let explanation = crate::explain::explain(&input, node_ips, query)?;
+        Ok(Explained {
+            explanation,
+            revision: self.revision,
+        })
     }
 
     fn count_operation(&self, operation: &str, ok: bool) {
@@ -677,13 +700,18 @@ impl Reconciler {
             });
             (desired, names)
         };
+        self.metrics.observe_compile(started.elapsed());
         let mut diagnostics = desired.diagnostics.clone();
         diagnostics.extend(self.rejected.values().cloned());
         self.reporter.compiled(&diagnostics);
         self.save_identities();
 
-        match self.writer.apply(&mut self.dp, &desired) {
+        let applying = std::time::Instant::now();
+        let applied = self.writer.apply(&mut self.dp, &desired);
+        self.metrics.observe_apply(applying.elapsed());
+        match applied {
             Ok(stats) => {
+                self.metrics.map_occupancy(&desired);
                 self.metrics
                     .reconciles
                     .get_or_create(&ResultLabels {

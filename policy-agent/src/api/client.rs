@@ -2,7 +2,8 @@
 //!
 //! [`channel`] gives an async [`Channel`] for the generated clients
 //! ([`proto::endpoints_client::EndpointsClient`],
-//! [`proto::status_client::StatusClient`]); [`Client`] wraps both behind
+//! [`proto::status_client::StatusClient`],
+//! [`proto::explain_client::ExplainClient`]); [`Client`] wraps them behind
 //! blocking calls for the CLI and for tests.
 
 use std::path::{Path, PathBuf};
@@ -13,7 +14,8 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::proto::{
-    self, endpoints_client::EndpointsClient, flows_client::FlowsClient, status_client::StatusClient,
+    self, endpoints_client::EndpointsClient, explain_client::ExplainClient,
+    flows_client::FlowsClient, status_client::StatusClient,
 };
 /// gRPC status codes, as [`ClientError::code`] returns them.
 pub use tonic::Code;
@@ -95,6 +97,7 @@ pub struct Client {
     endpoints: EndpointsClient<Channel>,
     status: StatusClient<Channel>,
     flows: FlowsClient<Channel>,
+    explain: ExplainClient<Channel>,
 }
 
 impl Client {
@@ -109,7 +112,8 @@ impl Client {
             runtime,
             endpoints: EndpointsClient::new(channel.clone()),
             flows: FlowsClient::new(channel.clone()),
-            status: StatusClient::new(channel),
+            status: StatusClient::new(channel.clone()),
+            explain: ExplainClient::new(channel),
         })
     }
 
@@ -147,6 +151,15 @@ impl Client {
     pub fn sync_and_wait(&mut self, timeout: Duration) -> Result<u64, ClientError> {
         let revision = self.sync()?;
         self.wait_enforced(None, revision, timeout)
+    }
+
+    /// `Explain.Explain`: the verdict for a connection, and why.
+    pub fn explain(
+        &mut self,
+        request: proto::ExplainRequest,
+    ) -> Result<proto::ExplainResponse, ClientError> {
+        let call = self.explain.explain(request);
+        Ok(self.runtime.block_on(call)?.into_inner())
     }
 
     /// `Endpoints.Register`.

@@ -3,7 +3,7 @@
 //!
 //! * [`proto`]: the generated messages, clients and servers.
 //! * [`socket`]: binding the socket, root-only by default.
-//! * [`server`]: the `Endpoints` and `Status` services over an
+//! * [`server`]: the `Endpoints`, `Status` and `Explain` services over an
 //!   [`AgentHandle`](crate::agent::handle::AgentHandle).
 //! * [`client`]: connecting to a running agent (the CLI, tests, the CNI
 //!   plugin).
@@ -13,6 +13,8 @@ mod convert;
 pub mod flows;
 pub mod server;
 pub mod socket;
+
+pub use convert::{explain_query, explain_response};
 
 /// Messages and services of `palisade.v1`.
 #[allow(clippy::all, missing_docs, rust_2018_idioms)]

@@ -1,4 +1,4 @@
-//! The API server: the `Endpoints` and `Status` services of
+//! The API server: the `Endpoints`, `Status` and `Explain` services of
 //! `palisade.v1`, served on the agent's unix socket.
 
 use std::future::Future;
@@ -9,9 +9,10 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::proto::{self, endpoints_server, status_server};
+use super::proto::{self, endpoints_server, explain_server, status_server};
 use crate::agent::endpoints::RegistryError;
 use crate::agent::handle::{AgentHandle, CommandError, WaitError};
+use crate::explain::ExplainError;
 
 /// How long WaitEnforced waits when the request says 0.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -33,7 +34,8 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(proto::flows_server::FlowsServer::new(flows))
         .add_service(endpoints_server::EndpointsServer::new(api.clone()))
-        .add_service(status_server::StatusServer::new(api))
+        .add_service(status_server::StatusServer::new(api.clone()))
+        .add_service(explain_server::ExplainServer::new(api))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
 }
@@ -50,6 +52,11 @@ fn command_status(e: CommandError) -> Status {
         CommandError::NoInterface { .. } => Status::not_found(message),
         CommandError::Registry(RegistryError::Exhausted) => Status::resource_exhausted(message),
         CommandError::Registry(_) | CommandError::Datapath(_) => Status::internal(message),
+        CommandError::NotCompiled(_) => Status::failed_precondition(message),
+        CommandError::Explain(ExplainError::UnknownPod(_) | ExplainError::NoAddress(_)) => {
+            Status::not_found(message)
+        }
+        CommandError::Explain(ExplainError::NoNodeAddress) => Status::failed_precondition(message),
         CommandError::Stopped => Status::unavailable(message),
     }
 }
@@ -161,5 +168,21 @@ impl status_server::Status for Api {
     ) -> Result<Response<proto::SyncResponse>, Status> {
         let revision = self.handle.sync().await.map_err(command_status)?;
         Ok(Response::new(proto::SyncResponse { revision }))
+    }
+}
+
+#[tonic::async_trait]
+impl explain_server::Explain for Api {
+    async fn explain(
+        &self,
+        request: Request<proto::ExplainRequest>,
+    ) -> Result<Response<proto::ExplainResponse>, Status> {
+        let query = convert::explain_query(&request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let explained = self.handle.explain(query).await.map_err(command_status)?;
+        Ok(Response::new(convert::explain_response(
+            &explained.explanation,
+            explained.revision,
+        )))
     }
 }

@@ -7,6 +7,7 @@
 //! model (selectors, ipBlocks, ports). Both are reported; should they ever
 //! disagree, the explanation says so instead of hiding it.
 
+mod query;
 mod render;
 mod rules;
 
@@ -15,6 +16,7 @@ use std::net::IpAddr;
 use policy_common::{Direction, identity};
 use thiserror::Error;
 
+pub use query::{PartyError, QueryError, parse_protocol, parse_query};
 pub use rules::RuleVerdict;
 
 use crate::compile::{

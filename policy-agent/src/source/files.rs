@@ -23,6 +23,9 @@
 //!
 //! Problems with files are published on a watch channel
 //! ([`FilesHandle::problems`]); the agent logs, counts and lists them.
+//!
+//! [`load_dir`] reads a directory once with the same loader (`policy-agent
+//! explain --dir`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -84,6 +87,39 @@ impl FilesHandle {
     pub fn problems(&self) -> watch::Receiver<Vec<FileProblem>> {
         self.problems.clone()
     }
+}
+
+/// A directory's objects, loaded once by [`load_dir`].
+#[derive(Clone, Debug, Default)]
+pub struct Loaded {
+    pub namespaces: Vec<core::Namespace>,
+    pub pods: Vec<core::Pod>,
+    pub policies: Vec<net::NetworkPolicy>,
+    /// Files that did not load (their objects are left out), kinds ignored,
+    /// duplicates.
+    pub problems: Vec<FileProblem>,
+}
+
+/// Reads `dir` once, the way the source does: the same files, the same
+/// parsing, defaults and duplicate handling.
+pub fn load_dir(dir: &Path) -> Result<Loaded, FilesError> {
+    let files = read_dir(dir).map_err(|source| FilesError::Dir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut loader = Loader::default();
+    loader.load(files);
+    let Aggregate {
+        namespaces,
+        pods,
+        policies,
+    } = loader.aggregate();
+    Ok(Loaded {
+        namespaces,
+        pods,
+        policies,
+        problems: loader.problems(),
+    })
 }
 
 /// The source; [`FilesSource::run`] drives it.
@@ -673,6 +709,34 @@ mod tests {
         assert!(!is_manifest(Path::new("/d/.a.yaml")));
         assert!(!is_manifest(Path::new("/d/a.yaml.tmp")));
         assert!(!is_manifest(Path::new("/d/..data")));
+    }
+
+    #[test]
+    fn load_dir_reads_once_like_the_source() {
+        let dir = std::env::temp_dir().join(format!("palisade-load-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), format!("{NS}---\n{POD}")).unwrap();
+        std::fs::write(dir.join("p.yml"), POLICY).unwrap();
+        std::fs::write(dir.join("bad.yaml"), "kind: [").unwrap();
+        std::fs::write(dir.join(".hidden.yaml"), POLICY).unwrap();
+        let loaded = load_dir(&dir).unwrap();
+        assert_eq!(
+            (
+                loaded.namespaces.len(),
+                loaded.pods.len(),
+                loaded.policies.len()
+            ),
+            (1, 1, 1)
+        );
+        assert_eq!(
+            loaded.pods[0].metadata.namespace.as_deref(),
+            Some("default")
+        );
+        assert_eq!(loaded.problems.len(), 1);
+        assert_eq!(loaded.problems[0].code, "unparseable");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(load_dir(&dir), Err(FilesError::Dir { .. })));
     }
 
     #[tokio::test]
