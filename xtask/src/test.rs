@@ -1,5 +1,7 @@
 //! `cargo xtask test`: builds the classifier, then runs the workspace's tests
-//! (which load it into the running kernel, hence root).
+//! (which load it into the running kernel, hence root), then, for a full run
+//! (no cargo arguments), the conformance scenarios of `tests/scenarios` and
+//! `../shared/scenarios/netpol` with the files source.
 
 use anyhow::Result;
 
@@ -14,6 +16,9 @@ pub struct Options {
     /// (e.g. `cargo xtask test -- -p policy-agent -- --nocapture`).
     #[arg(last = true)]
     pub cargo_args: Vec<String>,
+    /// Skip the conformance scenarios after the tests.
+    #[arg(long)]
+    pub no_conformance: bool,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -27,7 +32,39 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     test.args(&opts.cargo_args)
         .current_dir(util::workspace_root())
-        .run()
+        .run()?;
+    if opts.no_conformance || !opts.cargo_args.is_empty() {
+        return Ok(());
+    }
+    conformance()
+}
+
+/// The scenarios, with the runner built by the test run above; its last
+/// line is `N passed, N failed` (scenarios).
+fn conformance() -> Result<()> {
+    let root = util::workspace_root();
+    let mut run = cmd!(
+        util::cargo(),
+        "run",
+        "--quiet",
+        "--package",
+        "palisade-tests",
+        "--bin",
+        "palisade-conformance",
+        "--",
+        "--source",
+        "files"
+    );
+    for dir in [
+        root.join("tests/scenarios"),
+        root.join("../shared/scenarios/netpol"),
+    ] {
+        match dir.canonicalize() {
+            Ok(dir) if dir.is_dir() => run = run.arg("--scenarios").arg(dir),
+            _ => eprintln!("conformance: {} not found, skipped", dir.display()),
+        }
+    }
+    run.current_dir(root).run()
 }
 
 /// Whether the user picked packages (`-p`/`--package`) before any `--`: then

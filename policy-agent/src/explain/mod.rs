@@ -133,8 +133,14 @@ fn resolve<'a>(
                 is_node: true,
             })
         }
+        // A pod's address is that pod (as the classifier's peer map has it),
+        // with that address: explaining the addresses of a flow log line
+        // gives the verdict of that connection, IPv6 ipBlocks included.
         Party::Address(ip) => Ok(Resolved {
-            pod: None,
+            pod: state
+                .pods()
+                .values()
+                .find(|pod| !pod.host_network && pod.ips.contains(ip)),
             addr: *ip,
             is_node: node_ips.contains(ip),
         }),

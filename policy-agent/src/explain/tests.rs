@@ -163,6 +163,35 @@ fn wrong_port_and_node_and_outside_addresses() {
 }
 
 #[test]
+fn pod_addresses_explain_as_their_pods() {
+    let ip = |s: &str| Party::Address(s.parse().unwrap());
+    for (from, to, port) in [
+        (
+            ("shop", "front-end", "10.244.1.10"),
+            ("shop", "catalogue", "10.244.1.11"),
+            80,
+        ),
+        (
+            ("outside", "client", "10.244.3.10"),
+            ("shop", "catalogue", "10.244.1.11"),
+            80,
+        ),
+        (
+            ("outside", "client", "10.244.3.10"),
+            ("shop", "front-end", "10.244.1.10"),
+            8079,
+        ),
+    ] {
+        let by_name = run(query(pod(from.0, from.1), pod(to.0, to.1), port));
+        let by_ip = run(query(ip(from.2), ip(to.2), port));
+        assert_eq!(by_ip.allowed(), by_name.allowed(), "{by_ip}");
+        assert_eq!(by_ip.egress.pod, by_name.egress.pod, "{by_ip}");
+        assert_eq!(by_ip.ingress.pod, by_name.ingress.pod, "{by_ip}");
+        assert_eq!(by_ip.ingress.rule, by_name.ingress.rule, "{by_ip}");
+    }
+}
+
+#[test]
 fn unknown_pods_are_errors() {
     let err = explain(
         &state(),

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
 use palisade_tests::agent::{Agent, AgentDirs, AgentOptions, Client, proto};
-use palisade_tests::conformance::{Change, Endpoint, NamespacedName, PodInfo, Protocol, Server};
+use palisade_tests::conformance::{
+    Change, Endpoint, Family, NamespacedName, PodInfo, Protocol, Server,
+};
 use palisade_tests::netns::{GATEWAY_V4, GATEWAY_V6, Netns, TcpServer, Topology, UdpEchoServer};
 
 use palisade_tests::conformance::scenario::External;
@@ -272,6 +274,33 @@ impl Cluster {
             .sync_and_wait(ENFORCE_TIMEOUT)
             .map_err(|e| anyhow!("sync: {e}\n{}", self.agent.log_tail()))?;
         Ok(())
+    }
+
+    /// The address `endpoint` uses for connections of `family` (the node:
+    /// its address on the pods' link); `None` for services and for a family
+    /// the endpoint lacks.
+    pub fn address(&self, endpoint: &Endpoint, family: Family) -> Option<IpAddr> {
+        let topo = match endpoint {
+            Endpoint::Node => {
+                return Some(match family {
+                    Family::V4 => IpAddr::V4(GATEWAY_V4),
+                    Family::V6 => IpAddr::V6(GATEWAY_V6),
+                });
+            }
+            Endpoint::Pod(pod) => self.pods.get(pod)?,
+            Endpoint::External(name) => self.externals.get(name)?,
+            Endpoint::Service(_) => return None,
+        };
+        let pod = self.topology.get_pod(topo)?;
+        match family {
+            Family::V4 => Some(IpAddr::V4(pod.ip4)),
+            Family::V6 => pod.ip6.map(IpAddr::V6),
+        }
+    }
+
+    /// The agent's API.
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
     }
 
     /// Where probes from `endpoint` start.

@@ -4,6 +4,7 @@
 //! `cargo xtask conformance`.
 
 mod cluster;
+mod explain_check;
 mod policy_source;
 mod probes;
 mod services;
@@ -100,7 +101,11 @@ fn load(dirs: &[PathBuf], filter: Option<&str>) -> (Vec<Scenario>, Vec<ScenarioR
     (good, bad)
 }
 
-fn run_scenario(scenario: &Scenario, config: &RunConfig) -> ScenarioResult {
+fn run_scenario(
+    scenario: &Scenario,
+    config: &RunConfig,
+    explained: &mut explain_check::Tally,
+) -> ScenarioResult {
     let mut result = ScenarioResult::new(scenario);
     let plan = match scenario.plan(config) {
         Ok(plan) => plan,
@@ -135,6 +140,11 @@ fn run_scenario(scenario: &Scenario, config: &RunConfig) -> ScenarioResult {
             return result;
         }
         let observed = probes::run_all(&step.probes, |ep| cluster.source(ep));
+        let (tally, problems) = explain_check::check(&mut cluster, &step.probes, &observed);
+        explained.add(tally);
+        for problem in problems {
+            result.record_error(format!("step {}: {problem}", step.number));
+        }
         result.record_step(step, observed);
     }
     if std::env::var_os("PALISADE_CONFORMANCE_LOG").is_some() {
@@ -155,6 +165,7 @@ fn run(args: &Args) -> Result<bool> {
     let (scenarios, failed_loads) = load(&args.scenarios, args.filter.as_deref());
     let config = RunConfig::default();
     let mut report = Report::default();
+    let mut explained = explain_check::Tally::default();
     for result in failed_loads {
         report.push(result);
     }
@@ -163,7 +174,7 @@ fn run(args: &Args) -> Result<bool> {
             break;
         }
         let t = Instant::now();
-        let result = run_scenario(scenario, &config);
+        let result = run_scenario(scenario, &config, &mut explained);
         eprintln!(
             "{}: {:?} in {:.1}s",
             scenario.name,
@@ -172,6 +183,10 @@ fn run(args: &Args) -> Result<bool> {
         );
         report.push(result);
     }
+    eprintln!(
+        "explain: {} cells agree with the expected verdict, {} do not, {} not asked (service destinations, skipped probes)",
+        explained.agreed, explained.disagreed, explained.not_asked
+    );
     print!("{}", report.render());
     eprintln!("wall time {:.1}s", started.elapsed().as_secs_f64());
     if interrupted() {
