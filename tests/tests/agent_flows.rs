@@ -316,6 +316,38 @@ fn observe_explains_real_connections() {
         last2.iter().collect::<Vec<_>>(),
         flows[flows.len() - 2..].iter().collect::<Vec<_>>()
     );
+    // The text form: a header, then one line per flow naming both pods,
+    // the verdict and what decided.
+    let text = Command::new(agent::binary().unwrap())
+        .args(["observe", "--socket"])
+        .arg(&cluster.dirs.socket)
+        .args(["--last", "1000", "--pod", "web"])
+        .output()
+        .unwrap();
+    assert!(text.status.success());
+    let text = String::from_utf8(text.stdout).unwrap();
+    eprintln!("{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("TIME"), "{text}");
+    assert_eq!(
+        lines.len(),
+        1 + flows.iter().filter(|f| pod_of(f, "destination") == "alpha/web").count(),
+        "{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("alpha/client:")
+            && l.contains("-> alpha/web:8080")
+            && l.contains("ALLOWED")
+            && l.contains("by alpha/allow-client ingress[0]")),
+        "{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("beta/client:")
+            && l.contains("-> alpha/web:8080")
+            && l.contains("DENIED")
+            && l.contains("isolated by alpha/allow-client, alpha/default-deny")),
+        "{text}"
+    );
     // A bad filter is a clear error.
     let bad = Command::new(agent::binary().unwrap())
         .args(["observe", "--socket"])
