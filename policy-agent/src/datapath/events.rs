@@ -53,11 +53,6 @@ impl FlowReader {
     }
 }
 
-impl std::os::fd::AsRawFd for FlowReader {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        FlowReader::as_raw_fd(self)
-    }
-}
 
 /// The classifier's count of records it could not put into the ring buffer.
 pub struct LostCounter {
