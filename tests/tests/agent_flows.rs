@@ -331,7 +331,10 @@ fn observe_explains_real_connections() {
     assert!(lines[0].starts_with("TIME"), "{text}");
     assert_eq!(
         lines.len(),
-        1 + flows.iter().filter(|f| pod_of(f, "destination") == "alpha/web").count(),
+        1 + flows
+            .iter()
+            .filter(|f| pod_of(f, "destination") == "alpha/web")
+            .count(),
         "{text}"
     );
     assert!(

@@ -53,7 +53,6 @@ impl FlowReader {
     }
 }
 
-
 /// The classifier's count of records it could not put into the ring buffer.
 pub struct LostCounter {
     map: PerCpuArray<MapData, u64>,
