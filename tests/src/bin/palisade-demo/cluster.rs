@@ -239,11 +239,11 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Registers every pod as the CNI plugin would, waits until the agent
-    /// enforces each of them and everything its source holds, and prints
-    /// the endpoints as the agent reports them.
+    /// Registers every pod as the CNI plugin does (register, then wait until
+    /// the agent enforces that endpoint), waits until the agent enforces
+    /// everything its source holds, and prints the endpoints as the agent
+    /// reports them.
     fn register_all(&mut self) -> Result<()> {
-        let mut registered = Vec::new();
         for pod in &self.pods {
             let topo = self.topology.pod(&pod.topo_name);
             let ips = [Some(IpAddr::V4(pod.ip4)), pod.ip6.map(IpAddr::V6)]
@@ -262,17 +262,14 @@ impl Cluster {
                     ips,
                 })
                 .map_err(|e| anyhow!("registering {}: {e}\n{}", pod.object, self.log()))?;
-            registered.push((pod.container_id.as_str(), done.revision));
-        }
-        for (id, revision) in registered {
             self.client
-                .wait_enforced(Some(id), revision, AGENT_TIMEOUT)
-                .map_err(|e| anyhow!("waiting for {id}: {e}\n{}", self.agent.log_tail()))?;
+                .wait_enforced(Some(&pod.container_id), done.revision, AGENT_TIMEOUT)
+                .map_err(|e| anyhow!("waiting for {}: {e}\n{}", pod.object, self.log()))?;
         }
         let revision = self
             .client
             .sync_and_wait(AGENT_TIMEOUT)
-            .map_err(|e| anyhow!("waiting for the agent: {e}\n{}", self.agent.log_tail()))?;
+            .map_err(|e| anyhow!("waiting for the agent: {e}\n{}", self.log()))?;
 
         let status = self.client.status().map_err(|e| anyhow!("status: {e}"))?;
         println!(

@@ -131,6 +131,10 @@ fn run(cli: &Cli) -> Result<bool> {
     );
 
     println!("{}", policy_agent::observe::header());
+    // What the agent saw before the traffic (e.g. a pod's packet between its
+    // registration, which attaches the classifier, and the compile that
+    // programs it: dropped_unknown_endpoint, fail closed).
+    catch_up(&mut cluster, &mut follower)?;
     let started = Instant::now();
     let deadline = duration.map(|d| started + d);
     let stopping = || STOP.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d);
@@ -273,7 +277,11 @@ fn summary(
         .map(|m| {
             let protocol = label(&m.labels, "protocol").unwrap_or("?");
             let port = label(&m.labels, "port").unwrap_or("?");
-            (format!("{protocol}/{port}"), m.value.round() as u64)
+            let what = match port {
+                "none" => format!("{protocol} (no port)"),
+                port => format!("{protocol}/{port}"),
+            };
+            (what, m.value.round() as u64)
         })
         .collect();
     // By port number.
