@@ -189,6 +189,23 @@ impl Agent {
         options: &AgentOptions,
         extra_args: &[String],
     ) -> Result<Self> {
+        Self::spawn(dirs, options, extra_args, false)
+    }
+
+    /// [`Agent::start`], in a process group of its own, and killed if the
+    /// caller dies: a terminal's Ctrl-C (SIGINT to the foreground process
+    /// group) reaches the caller alone, which can still ask the agent for
+    /// its status before it stops it.
+    pub fn start_detached(dirs: &AgentDirs, options: &AgentOptions) -> Result<Self> {
+        Self::spawn(dirs, options, &[], true)
+    }
+
+    fn spawn(
+        dirs: &AgentDirs,
+        options: &AgentOptions,
+        extra_args: &[String],
+        detached: bool,
+    ) -> Result<Self> {
         let binary = binary()?;
         let log = OpenOptions::new()
             .create(true)
@@ -227,6 +244,20 @@ impl Agent {
             unsafe {
                 command.pre_exec(move || {
                     if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if detached {
+            command.process_group(0);
+            // SAFETY: prctl is async-signal-safe. The signal comes when the
+            // spawning thread exits, so spawn from one that lives as long
+            // as the agent should (e.g. the main thread).
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())

@@ -1,7 +1,8 @@
-//! `cargo xtask demo`: builds the classifier, then runs `palisade-demo`
-//! (tests/src/bin/palisade-demo): the shop microservices in network
-//! namespaces, their NetworkPolicies compiled into the classifier, allowed
-//! and denied connections and the flow log, until Ctrl-C or `--duration`.
+//! `cargo xtask demo`: builds the classifier and the agent, then runs
+//! `palisade-demo` (tests/src/bin/palisade-demo): the shop microservices in
+//! network namespaces, the agent (`policy-agent run`) enforcing their
+//! NetworkPolicies, allowed and denied connections and the agent's flows,
+//! until Ctrl-C or `--duration`.
 
 use std::os::unix::process::CommandExt as _;
 use std::process::Command;
@@ -24,6 +25,18 @@ pub struct Options {
 pub fn run(opts: &Options) -> Result<()> {
     util::require_root("cargo xtask demo")?;
     build_ebpf::run(&build_ebpf::Options::default())?;
+    // The demo runs this binary (it builds it too, quietly: this shows the
+    // progress of a first build).
+    cmd!(
+        util::cargo(),
+        "build",
+        "--package",
+        "policy-agent",
+        "--bin",
+        "policy-agent"
+    )
+    .current_dir(util::workspace_root())
+    .run()?;
     let mut args: Vec<String> = [
         "run",
         "--quiet",

@@ -1,37 +1,43 @@
 //! The demo cluster: Kubernetes objects read from YAML, one network namespace
-//! per pod (the harness's [`Topology`]) serving the pod's container ports, and
-//! the classifier attached to every pod's host veth with its maps compiled
-//! from the policies by the agent's own compiler and map writer.
+//! per pod (the harness's [`Topology`]) serving the pod's container ports,
+//! and the real agent (`policy-agent run --source files`) in the node
+//! namespace, watching a directory that holds the manifest. Every pod is
+//! registered through the agent's API (`Endpoints.Register`, what the chained
+//! CNI plugin does), then the demo waits until the agent enforces it
+//! (`Status.Sync` and `Status.WaitEnforced`).
 //!
-//! Everything is torn down on drop, in field order: servers, classifier
-//! (links and map descriptors), namespaces (which take the veths with them),
-//! then the pin directory.
+//! Everything is torn down on drop, in field order: servers, the API client,
+//! the agent (SIGKILL), the namespaces (which take the veths with them), then
+//! the agent's directories and pin directory (removing the pins detaches the
+//! classifier's links).
 
-use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
+use palisade_tests::agent::{self, Agent, AgentDirs, AgentOptions, Client, proto};
 use palisade_tests::netns::{GATEWAY_V4, GATEWAY_V6, Netns, TcpServer, Topology, UdpEchoServer};
-use policy_agent::compile::{Desired, IdentityAllocator, LocalEndpoint, NodeScope, compile};
-use policy_agent::datapath::{Datapath, writer};
-use policy_agent::model::{ClusterState, Diagnostic, ObjectRef};
-use policy_common::EndpointInfo;
+use policy_agent::model::{ClusterState, ObjectRef};
 use serde::Deserialize as _;
 
 /// Prefix of the namespaces and interfaces the demo creates.
 pub const PREFIX: &str = "demo";
 /// The node every pod of the manifest must be scheduled on.
 pub const NODE_NAME: &str = "demo-node";
-/// Where the classifier's maps are pinned while the demo runs.
-pub const PIN_DIR: &str = "/sys/fs/bpf/palisade-demo";
+/// The tag of the agent's directories: `/tmp/palisade-agent-demo-<pid>-0`
+/// and `/sys/fs/bpf/palisade-agent-demo-<pid>-0`.
+const DIRS_TAG: &str = "demo";
+/// How long the agent may take to start, and to enforce what it was given.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The Kubernetes objects of a manifest, in file order.
+/// The Kubernetes objects of a manifest, in file order, and its text.
 #[derive(Default)]
 pub struct Manifest {
+    pub text: String,
     pub namespaces: Vec<core::Namespace>,
     pub pods: Vec<core::Pod>,
     pub policies: Vec<net::NetworkPolicy>,
@@ -43,12 +49,12 @@ impl Manifest {
     pub fn read(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("in {}", path.display()))
+        Self::parse(text).with_context(|| format!("in {}", path.display()))
     }
 
-    fn parse(text: &str) -> Result<Self> {
+    fn parse(text: String) -> Result<Self> {
         let mut manifest = Self::default();
-        for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        for (index, document) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
             let value = serde_yaml_ng::Value::deserialize(document)
                 .with_context(|| format!("YAML document {}", index + 1))?;
             if value.is_null() {
@@ -69,76 +75,58 @@ impl Manifest {
                 _ => bail!("{}: expected a Namespace, Pod or NetworkPolicy", what()),
             }
         }
+        manifest.text = text;
         Ok(manifest)
     }
 }
 
-/// A pod of the demo and how the classifier knows it.
+/// A pod of the demo.
 #[derive(Debug)]
 pub struct DemoPod {
     /// Its namespace and name in the cluster.
     pub object: ObjectRef,
     /// Its name in the [`Topology`] ("<namespace>-<name>").
     pub topo_name: String,
-    /// Its host veth in the node namespace.
-    pub host_ifname: String,
-    /// The key of its `PALISADE_ENDPOINTS` entry and its endpoint id.
-    pub endpoint: LocalEndpoint,
+    /// The container id it is registered with.
+    pub container_id: String,
     /// Its IPv4 and (if any) IPv6 address.
     pub ip4: Ipv4Addr,
     pub ip6: Option<Ipv6Addr>,
 }
 
-/// Removes the pin directory (and the maps pinned in it) on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    /// Takes `path`, removing what a killed earlier run left there so that
-    /// the classifier starts with fresh maps and counters.
-    fn claim(path: &Path) -> Result<Self> {
-        match std::fs::remove_dir_all(path) {
-            Ok(()) => println!("removed {} left by an earlier run", path.display()),
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-        }
-        Ok(Self(path.to_owned()))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        match std::fs::remove_dir_all(&self.0) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => eprintln!("palisade-demo: removing {}: {e}", self.0.display()),
-        }
-    }
+/// What the demo leaves on the system while it runs, to check that it is
+/// gone afterwards.
+pub struct Footprint {
+    pub agent_pid: Option<u32>,
+    pub paths: Vec<PathBuf>,
 }
 
 /// The running demo cluster.
 pub struct Cluster {
-    /// What the compiler was given.
-    pub state: ClusterState,
     /// The pods, in (namespace, name) order.
     pub pods: Vec<DemoPod>,
-    /// What the compiler produced (and the map writer wrote).
-    pub desired: Desired,
     // Drop order matters, see the module docs. Servers stop on drop.
     _tcp_servers: Vec<TcpServer>,
     _udp_servers: Vec<UdpEchoServer>,
-    /// The classifier, attached to every pod's host veth.
-    pub datapath: Datapath,
+    client: Client,
+    agent: Agent,
     topology: Topology,
-    _pin_dir: PinDir,
+    dirs: AgentDirs,
 }
 
 impl Cluster {
-    /// Builds the cluster of `manifest`, loads the classifier, writes its maps
-    /// and attaches it; prints what it does.
-    pub fn start(manifest: &Manifest) -> Result<Self> {
+    /// Builds the cluster of `manifest` (read from `path`), starts the agent
+    /// on it, registers every pod and waits until the agent enforces the
+    /// policies for all of them; prints what it does.
+    pub fn start(manifest: &Manifest, path: &Path) -> Result<Self> {
         let (state, rejected) =
             ClusterState::from_k8s(&manifest.namespaces, &manifest.pods, &manifest.policies);
-        print_diagnostics("objects left out", &rejected);
+        if !rejected.is_empty() {
+            println!("objects the agent will leave out:");
+            for d in &rejected {
+                println!("  {d}");
+            }
+        }
         println!(
             "cluster: {} namespaces, {} pods, {} NetworkPolicies on node {NODE_NAME}",
             state.namespaces().len(),
@@ -146,12 +134,20 @@ impl Cluster {
             state.policies().len()
         );
 
+        // Before anything is created: a first build takes a while.
+        let binary = agent::binary()?;
+        remove_stale_dirs();
         // Locals drop in reverse order on an early return: whatever was
         // built so far is torn down like a finished cluster.
-        let pin_dir = PinDir::claim(Path::new(PIN_DIR))?;
+        let dirs = AgentDirs::new(DIRS_TAG)?;
+        let file_name = path
+            .file_name()
+            .map_or_else(|| "cluster.yaml".into(), |n| n.to_string_lossy());
+        dirs.write_manifest(&file_name, &manifest.text)?;
+
         let mut topology = Topology::new(PREFIX).context("creating the node namespace")?;
         let mut pods = Vec::new();
-        for (index, (object, pod)) in state.pods().iter().enumerate() {
+        for (object, pod) in state.pods() {
             if pod.node_name.as_deref() != Some(NODE_NAME) {
                 bail!("pod {object} is not scheduled on {NODE_NAME} (spec.nodeName)");
             }
@@ -168,25 +164,18 @@ impl Cluster {
                 IpAddr::V4(_) => None,
             });
             let topo_name = format!("{}-{}", object.namespace, object.name);
-            let added = topology.add_pod(&topo_name, ip4, ip6)?;
+            topology.add_pod(&topo_name, ip4, ip6)?;
             pods.push(DemoPod {
                 object: object.clone(),
+                container_id: format!("demo-{}-{}", object.namespace, object.name),
                 topo_name,
-                host_ifname: added.host_ifname.clone(),
-                endpoint: LocalEndpoint {
-                    ifindex: added.host_ifindex,
-                    endpoint_id: u32::try_from(index + 1)?,
-                },
                 ip4,
                 ip6,
             });
         }
         println!(
-            "network namespaces: {}-node (the node) and {} pods, veths {}0..{}{}",
-            PREFIX,
+            "network namespaces: {PREFIX}-node (the node) and {} pods, veths {PREFIX}0..{PREFIX}{}",
             pods.len(),
-            PREFIX,
-            PREFIX,
             pods.len().saturating_sub(1)
         );
 
@@ -217,53 +206,143 @@ impl Cluster {
             udp_servers.len()
         );
 
-        let mut datapath = Datapath::load(Path::new(PIN_DIR)).context("loading the classifier")?;
-        let scope = NodeScope {
-            node_name: NODE_NAME.to_owned(),
-            node_ips: vec![IpAddr::V4(GATEWAY_V4), IpAddr::V6(GATEWAY_V6)],
-            endpoints: pods
-                .iter()
-                .map(|p| (p.object.clone(), p.endpoint))
-                .collect(),
-        };
-        let desired = compile(&state, &scope, &mut IdentityAllocator::new());
-        print_diagnostics("compiler diagnostics", &desired.diagnostics);
-        // Maps first, then attach: an attached interface without its
-        // endpoint entry drops everything (fail closed).
-        let stats = writer::apply(&mut datapath, &desired).context("writing the maps")?;
+        let agent = Agent::start_detached(
+            &dirs,
+            &AgentOptions {
+                node_name: NODE_NAME.to_owned(),
+                node_ips: vec![IpAddr::V4(GATEWAY_V4), IpAddr::V6(GATEWAY_V6)],
+                netns: Some(topology.node_ns().path().to_owned()),
+                start_timeout: AGENT_TIMEOUT,
+            },
+        )
+        .context("starting the agent")?;
         println!(
-            "classifier loaded, maps pinned in {PIN_DIR}: {} entries written \
-             ({} endpoints, {} peer addresses, {} policy keys, {} rules)",
-            stats.written,
-            desired.endpoints.len(),
-            desired.peer_ips.len(),
-            desired.policy.len(),
-            desired.rules.len()
+            "agent: {} run --source files --node {NODE_NAME} (pid {}, in {PREFIX}-node)",
+            binary.display(),
+            agent.pid().unwrap_or(0)
         );
-        topology
-            .node_ns()
-            .run(|| {
-                pods.iter().try_for_each(|p| {
-                    datapath
-                        .attach(&p.host_ifname)
-                        .with_context(|| format!("attaching to {}", p.host_ifname))
-                })
-            })
-            .context("in the node namespace")?;
-        for pod in &pods {
-            print_pod(pod, &desired);
-        }
-
-        Ok(Self {
-            state,
+        println!("  watching {}", dirs.manifests.join(&*file_name).display());
+        println!("  API      {}", dirs.socket.display());
+        println!("  maps     {}", dirs.pin_dir.display());
+        println!("  log      {}", dirs.log.display());
+        let client = agent.client()?;
+        let mut cluster = Self {
             pods,
-            desired,
             _tcp_servers: tcp_servers,
             _udp_servers: udp_servers,
-            datapath,
+            client,
+            agent,
             topology,
-            _pin_dir: pin_dir,
-        })
+            dirs,
+        };
+        cluster.register_all()?;
+        Ok(cluster)
+    }
+
+    /// Registers every pod as the CNI plugin does (register, then wait until
+    /// the agent enforces that endpoint), waits until the agent enforces
+    /// everything its source holds, and prints the endpoints as the agent
+    /// reports them.
+    fn register_all(&mut self) -> Result<()> {
+        for pod in &self.pods {
+            let topo = self.topology.pod(&pod.topo_name);
+            let ips = [Some(IpAddr::V4(pod.ip4)), pod.ip6.map(IpAddr::V6)]
+                .into_iter()
+                .flatten()
+                .map(|ip| ip.to_string())
+                .collect();
+            let done = self
+                .client
+                .register(proto::RegisterRequest {
+                    namespace: pod.object.namespace.clone(),
+                    pod_name: pod.object.name.clone(),
+                    container_id: pod.container_id.clone(),
+                    netns_path: topo.netns.path().display().to_string(),
+                    host_interface: topo.host_ifname.clone(),
+                    ips,
+                })
+                .map_err(|e| anyhow!("registering {}: {e}\n{}", pod.object, self.log()))?;
+            self.client
+                .wait_enforced(Some(&pod.container_id), done.revision, AGENT_TIMEOUT)
+                .map_err(|e| anyhow!("waiting for {}: {e}\n{}", pod.object, self.log()))?;
+        }
+        let revision = self
+            .client
+            .sync_and_wait(AGENT_TIMEOUT)
+            .map_err(|e| anyhow!("waiting for the agent: {e}\n{}", self.log()))?;
+
+        let status = self.client.status().map_err(|e| anyhow!("status: {e}"))?;
+        println!(
+            "registered {} pods through the agent's API (Endpoints.Register, as the CNI plugin \
+             does); policies enforced at revision {revision}",
+            self.pods.len()
+        );
+        for d in &status.diagnostics.unwrap_or_default().items {
+            let rule = if d.rule.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", d.rule)
+            };
+            println!(
+                "  {} {} {}/{}{rule}: {}",
+                d.severity, d.object_kind, d.namespace, d.name, d.message
+            );
+        }
+        let mut endpoints = status.endpoints;
+        endpoints.sort_by(|a, b| (&a.namespace, &a.pod_name).cmp(&(&b.namespace, &b.pod_name)));
+        for e in &endpoints {
+            let isolated: Vec<&str> = [
+                (e.ingress_isolated, "ingress"),
+                (e.egress_isolated, "egress"),
+            ]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+            println!(
+                "  {:<18} {:<31} {:<6} endpoint {}  isolated: {}{}",
+                format!("{}/{}", e.namespace, e.pod_name),
+                e.ips.join(" "),
+                e.host_interface,
+                e.endpoint_id,
+                if isolated.is_empty() {
+                    "no".to_owned()
+                } else {
+                    isolated.join(", ")
+                },
+                if e.pod_known {
+                    ""
+                } else {
+                    " (pod unknown to the agent)"
+                }
+            );
+        }
+        Ok(())
+    }
+
+    fn log(&self) -> String {
+        self.agent.log_tail()
+    }
+
+    /// The agent's API socket.
+    pub fn socket(&self) -> &Path {
+        &self.dirs.socket
+    }
+
+    /// The agent's metrics (`Status.Get`).
+    pub fn metrics(&mut self) -> Result<Vec<proto::Metric>> {
+        let status = self
+            .client
+            .status()
+            .map_err(|e| anyhow!("agent status: {e}\n{}", self.agent.log_tail()))?;
+        Ok(status.metrics)
+    }
+
+    /// What must be gone once the cluster is dropped.
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            agent_pid: self.agent.pid(),
+            paths: vec![self.dirs.root.clone(), self.dirs.pin_dir.clone()],
+        }
     }
 
     /// The demo pod `ns/name`.
@@ -282,6 +361,51 @@ impl Cluster {
     }
 }
 
+/// Removes the agent directories of earlier demos that were killed before
+/// they could clean up (their process is gone). Their namespaces go with
+/// [`Topology::new`].
+fn remove_stale_dirs() {
+    let prefix = format!("palisade-agent-{DIRS_TAG}-");
+    for base in [std::env::temp_dir(), PathBuf::from("/sys/fs/bpf")] {
+        let Ok(entries) = std::fs::read_dir(&base) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == std::process::id() || demo_running(pid) {
+                continue;
+            }
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => println!("removed {} left by an earlier run", entry.path().display()),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => eprintln!("palisade-demo: removing {}: {e}", entry.path().display()),
+            }
+        }
+    }
+}
+
+/// Whether process `pid` is a running palisade-demo (not a zombie, not a
+/// process that got its pid since).
+fn demo_running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `pid (comm) state ...`; comm may hold spaces and parentheses.
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return false;
+    };
+    let comm = &stat[open + 1..close];
+    let state = stat[close + 1..].trim_start().chars().next();
+    comm == "palisade-demo" && !matches!(state, Some('Z' | 'X' | 'x'))
+}
+
 /// (protocol, port) of every container port of a pod, TCP and UDP only.
 fn container_ports(pod: &core::Pod) -> Vec<(String, u16)> {
     let mut ports: Vec<(String, u16)> = pod
@@ -298,61 +422,6 @@ fn container_ports(pod: &core::Pod) -> Vec<(String, u16)> {
     ports.sort();
     ports.dedup();
     ports
-}
-
-fn print_diagnostics(what: &str, diagnostics: &[Diagnostic]) {
-    if diagnostics.is_empty() {
-        return;
-    }
-    println!("{what}:");
-    for d in diagnostics {
-        println!("  {d}");
-    }
-}
-
-fn print_pod(pod: &DemoPod, desired: &Desired) {
-    let flags = desired
-        .endpoints
-        .get(&pod.endpoint.ifindex)
-        .map_or(0, |e| e.flags);
-    let isolated: Vec<&str> = [
-        (EndpointInfo::INGRESS_ISOLATED, "ingress"),
-        (EndpointInfo::EGRESS_ISOLATED, "egress"),
-    ]
-    .into_iter()
-    .filter(|(flag, _)| flags & flag != 0)
-    .map(|(_, name)| name)
-    .collect();
-    let addresses = match pod.ip6 {
-        Some(ip6) => format!("{} {ip6}", pod.ip4),
-        None => pod.ip4.to_string(),
-    };
-    println!(
-        "  {:<18} {:<31} {:<6} endpoint {}  isolated: {}",
-        pod.object.to_string(),
-        addresses,
-        pod.host_ifname,
-        pod.endpoint.endpoint_id,
-        if isolated.is_empty() {
-            "no".to_owned()
-        } else {
-            isolated.join(", ")
-        }
-    );
-}
-
-/// Names for addresses: pods as `ns/name`, the node's gateway addresses as
-/// `node`.
-pub fn address_names(cluster: &Cluster) -> BTreeMap<IpAddr, String> {
-    let mut names: BTreeMap<IpAddr, String> = BTreeMap::new();
-    for pod in cluster.state.pods().values() {
-        for ip in &pod.ips {
-            names.insert(*ip, pod.object_ref().to_string());
-        }
-    }
-    names.insert(IpAddr::V4(GATEWAY_V4), "node".to_owned());
-    names.insert(IpAddr::V6(GATEWAY_V6), "node".to_owned());
-    names
 }
 
 /// The socket address of `pod` for a probe to `port`.

@@ -145,6 +145,8 @@ pub fn check(cluster: &Cluster) -> Result<()> {
 /// What a probe saw.
 #[derive(Debug)]
 pub struct Observation {
+    /// Where the connection went.
+    pub dst: SocketAddr,
     pub result: ProbeResult,
 }
 
@@ -190,5 +192,5 @@ pub fn run(cluster: &Cluster, probe: &Probe) -> Result<Observation> {
         Protocol::Tcp => tcp_probe(netns, dst, TIMEOUT),
         Protocol::Udp => udp_probe(netns, dst, TIMEOUT),
     };
-    Ok(Observation { result })
+    Ok(Observation { dst, result })
 }
