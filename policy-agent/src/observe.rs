@@ -37,12 +37,30 @@ pub fn line(flow: &proto::Flow) -> String {
             name
         }
     };
+    // Dropped before its headers were read: say where instead.
+    let (source, destination) = if flow.protocol.is_empty() {
+        let at = match &flow.endpoint {
+            Some(pod) => format!("(at {}/{})", pod.namespace, pod.name),
+            None => format!("(at interface {})", flow.ifindex),
+        };
+        (at, "?".to_owned())
+    } else {
+        (
+            end(&flow.source, flow.source_port),
+            end(&flow.destination, flow.destination_port),
+        )
+    };
+    let protocol = if flow.protocol.is_empty() {
+        "-"
+    } else {
+        &flow.protocol
+    };
     let mut out = columns([
         &clock(flow.time_unix_nano),
-        &end(&flow.source, flow.source_port),
+        &source,
         "->",
-        &end(&flow.destination, flow.destination_port),
-        &flow.protocol,
+        &destination,
+        protocol,
         &flow.verdict.to_ascii_uppercase(),
         &flow.direction,
     ]);
@@ -153,6 +171,21 @@ mod tests {
         assert!(text.contains("-> shop/catalogue-db:3306"), "{text}");
         assert!(text.contains("DENIED"), "{text}");
         assert!(text.contains("isolated by shop/default-deny"), "{text}");
+    }
+
+    #[test]
+    fn a_drop_before_the_headers_says_where() {
+        let flow = proto::Flow {
+            verdict: "denied".into(),
+            reason: "dropped_unknown_endpoint".into(),
+            direction: "egress".into(),
+            ifindex: 42,
+            ..Default::default()
+        };
+        let text = line(&flow);
+        assert!(text.contains("(at interface 42)"), "{text}");
+        assert!(text.contains(" -  "), "{text}");
+        assert!(text.contains("dropped_unknown_endpoint"), "{text}");
     }
 
     #[test]

@@ -168,6 +168,7 @@ pub fn to_proto(flow: &Flow, node: &str) -> proto::Flow {
         peer_identity: flow.peer_identity,
         packet_bytes: flow.packet_bytes,
         revision: flow.revision,
+        ifindex: flow.ifindex,
     }
 }
 

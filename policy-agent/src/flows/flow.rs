@@ -67,6 +67,8 @@ pub struct Flow {
     /// (or no longer) known.
     pub endpoint: Option<Arc<PodName>>,
     pub endpoint_id: u32,
+    /// The host-side interface the packet crossed.
+    pub ifindex: u32,
     /// For [`Reason::AllowedByPolicy`]: the rule.
     pub decided_by: Option<Arc<RuleRef>>,
     /// For a default-deny drop: the policies isolating the endpoint.
@@ -146,6 +148,7 @@ impl Flow {
             destination,
             endpoint: names.endpoint(event.endpoint_id).cloned(),
             endpoint_id: event.endpoint_id,
+            ifindex: event.ifindex,
             decided_by,
             isolated_by,
             peer_identity: event.peer_identity,
@@ -160,8 +163,12 @@ impl Flow {
         matches!(self.protocol, proto::TCP | proto::UDP | proto::SCTP)
     }
 
-    /// `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6`, else the number.
+    /// `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6`, else the number; empty when
+    /// the packet was dropped before its headers were read.
     pub fn protocol_name(&self) -> std::borrow::Cow<'static, str> {
+        if self.family == 0 {
+            return "".into();
+        }
         protocol_name(self.protocol)
     }
 }

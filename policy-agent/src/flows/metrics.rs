@@ -83,7 +83,11 @@ impl FlowMetrics {
             policy_common::Verdict::Allowed => "allowed",
             policy_common::Verdict::Denied => "denied",
         };
-        let protocol = flow.protocol_name();
+        let protocol = match flow.protocol_name() {
+            // Dropped before its headers were read.
+            name if name.is_empty() => "none".into(),
+            name => name,
+        };
         self.flows
             .get_or_create(&FlowLabels {
                 verdict: verdict.to_owned(),
