@@ -37,6 +37,9 @@ pub mod names {
     pub const VERDICT_STATS: &str = "PALISADE_VERDICT_STATS";
     pub const EVENTS_LOST: &str = "PALISADE_EVENTS_LOST";
     pub const CONFIG: &str = "PALISADE_CONFIG";
+    /// Not pinned: each loaded object has its own cache (of [`FlowSlot`](crate::FlowSlot)s).
+    pub const FLOW_CACHE: &str = "PALISADE_FLOW_CACHE";
+    pub const FLOW_VERSIONS: &str = "PALISADE_FLOW_VERSIONS";
 }
 
 #[cfg(test)]

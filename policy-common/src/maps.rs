@@ -267,6 +267,30 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
+impl CtKey {
+    /// The key as the words it is made of (it is 4-aligned, 44 bytes).
+    #[inline(always)]
+    pub fn words(&self) -> &[u32; 11] {
+        // SAFETY: `CtKey` is `repr(C)`, 4-aligned, 44 bytes without hidden padding.
+        unsafe { &*(self as *const Self).cast::<[u32; 11]>() }
+    }
+
+    /// This key's slot in the flow cache and its version array: a
+    /// multiplicative hash of every word, keeping the top bits (which every
+    /// input bit reaches).
+    #[inline(always)]
+    pub fn cache_index(&self) -> u32 {
+        let words = self.words();
+        let mut h = 0u32;
+        let mut i = 0;
+        while i < words.len() {
+            h = (h ^ words[i]).wrapping_mul(0x9e37_79b1);
+            i += 1;
+        }
+        h >> (32 - flow_cache::SLOT_BITS)
+    }
+}
+
 /// Value of [`CONNTRACK`](crate::names::CONNTRACK).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -320,6 +344,35 @@ pub mod ct_timeout {
     pub const REFRESH: u64 = 1;
 }
 
+/// The per-CPU flow cache in front of conntrack (see `policy-ebpf`'s
+/// `flow_cache`): direct-mapped, indexed by [`CtKey::cache_index`].
+pub mod flow_cache {
+    pub const SLOT_BITS: u32 = 12;
+    pub const SLOTS: u32 = 1 << SLOT_BITS;
+}
+
+/// A slot of the flow cache: `key` was an open conntrack entry judged under
+/// `epoch`, at jiffies `checked_at`, when the slot's version was `version`.
+/// It vouches for packets of the directions in `passes` (bit
+/// `1 << direction`): both once the connection has seen a reply, else only
+/// the opening direction (a reply must reach conntrack to be recorded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSlot {
+    pub key: CtKey,
+    pub endpoint_id: u32,
+    pub epoch: u32,
+    /// Low 32 bits of the jiffies when conntrack last passed the flow.
+    pub checked_at: u32,
+    /// The slot's entry of the version array when it was filled. 16 bits
+    /// suffice: a slot lives at most a second.
+    pub version: u16,
+    /// Low 16 bits of [`Config::ct_flushes`] when it was filled.
+    pub ct_flushes: u16,
+    pub passes: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Value of [`CONFIG`](crate::names::CONFIG), an array of one element written
 /// by the agent when it loads the classifier.
 #[repr(C)]
@@ -332,7 +385,10 @@ pub struct Config {
     pub hz: u64,
     /// The generation of the verdict maps the classifier reads (0 or 1).
     pub generation: u32,
-    pub _pad: u32,
+    /// Conntrack flushes done from user space (an unregistered endpoint's
+    /// entries removed). Every flow cache slot remembers the value it was
+    /// filled under, so a flush invalidates them all.
+    pub ct_flushes: u32,
 }
 
 impl Config {
@@ -400,6 +456,7 @@ const _: () = {
     assert!(size_of::<FragEntry>() == 8);
     assert!(size_of::<VerdictCounter>() == 16);
     assert!(size_of::<Config>() == 16);
+    assert!(size_of::<FlowSlot>() == 64);
 };
 
 #[cfg(feature = "user")]
@@ -420,5 +477,6 @@ mod pod_impls {
     unsafe impl aya::Pod for FragEntry {}
     unsafe impl aya::Pod for VerdictCounter {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FlowSlot {}
     unsafe impl aya::Pod for crate::FlowEvent {}
 }

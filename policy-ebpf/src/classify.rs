@@ -1,10 +1,11 @@
 //! The per-packet path.
 //!
-//! Fast path: a packet of a tracked connection whose endpoint's policy has not
-//! changed costs one hash lookup (conntrack) and two array lookups (epoch,
-//! counter). Everything else takes the slow path: endpoint, anti-spoofing,
-//! fragments, related ICMP, re-judging, policy, then one exit that counts,
-//! reports and returns the action.
+//! Fast path: a packet of an established flow costs array lookups only (flow
+//! cache slot and version, epoch, counter); on a cache miss, a tracked
+//! connection whose endpoint's policy has not changed costs one hash lookup
+//! (conntrack) more, and fills the cache. Everything else takes the slow
+//! path: endpoint, anti-spoofing, fragments, related ICMP, re-judging,
+//! policy, then one exit that counts, reports and returns the action.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -20,6 +21,7 @@ use crate::{
     conntrack::{
         Clock, Update, current_epoch, is_expired, is_tcp_open, key_for, opening_dport, track,
     },
+    flow_cache::{self, Probe},
     maps::{CONFIG, CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
     parse::{Fragment, IcmpKind, Packet, Parsed, Tuple, parse},
     policy::{judge, resolve_peer},
@@ -93,16 +95,22 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
         && !is_tcp_open(packet.tuple.protocol, packet.flags_or_type)
     {
         let key = key_for(ifindex, &packet.tuple, direction);
+        let cacheable = !flow_cache::bypasses(key.protocol, packet.flags_or_type);
+        let probe = Probe::new(&key, config);
+        if cacheable && probe.hit(&key, direction, &clock) {
+            count(Reason::AllowedEstablished, len);
+            return PASS;
+        }
         if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
             let entry = unsafe { &mut *entry };
             if !is_expired(entry, key.protocol, &clock) {
                 if entry.epoch == current_epoch(entry.endpoint_id)
                     && entry.state != ct_state::REVOKED
                 {
-                    if let Update::Remove =
-                        track(entry, direction, key.protocol, packet.flags_or_type, &clock)
-                    {
-                        let _ = CONNTRACK.remove(&key);
+                    match track(entry, direction, key.protocol, packet.flags_or_type, &clock) {
+                        Update::Keep if cacheable => probe.fill(&key, entry, direction, &clock),
+                        Update::Keep => {}
+                        update => apply_closing(&key, update),
                     }
                     count(Reason::AllowedEstablished, len);
                     return PASS;
@@ -235,7 +243,12 @@ fn decide(
             reason: judgement.reason as u8,
             _pad: 0,
         };
-        let _ = CONNTRACK.insert(&key_for(ifindex, tuple, direction), &entry, 0);
+        let key = key_for(ifindex, tuple, direction);
+        let _ = CONNTRACK.insert(&key, &entry, 0);
+        if opens_tcp {
+            // A SYN may have replaced an entry other CPUs have cached.
+            flow_cache::invalidate(&key);
+        }
     }
     Outcome {
         reason: judgement.reason,
@@ -290,14 +303,26 @@ fn rejudge(
         outcome.peer.identity = entry.peer_identity;
         return outcome;
     }
-    if let Update::Remove = track(entry, direction, key.protocol, tcp_flags, clock) {
-        let _ = CONNTRACK.remove(key);
-    }
+    let update = track(entry, direction, key.protocol, tcp_flags, clock);
+    apply_closing(key, update);
     Outcome::quiet(
         Reason::AllowedEstablished,
         entry.rule_id,
         entry.peer_identity,
     )
+}
+
+/// Ends a connection on RST, and makes its cached slots stale on FIN or RST.
+#[inline(always)]
+fn apply_closing(key: &CtKey, update: Update) {
+    match update {
+        Update::Keep => return,
+        Update::Closing => {}
+        Update::Remove => {
+            let _ = CONNTRACK.remove(key);
+        }
+    }
+    flow_cache::invalidate(key);
 }
 
 /// A fragment without transport header: it follows its first fragment.

@@ -75,6 +75,12 @@ impl Clock {
     fn older_than(&self, then: u64, seconds: u64) -> bool {
         self.now.wrapping_sub(then) > seconds * self.hz
     }
+
+    /// Like `older_than`, for the low 32 bits of a jiffies value.
+    #[inline(always)]
+    pub fn older_than32(&self, then: u32, seconds: u64) -> bool {
+        (self.now as u32).wrapping_sub(then) > (seconds * self.hz) as u32
+    }
 }
 
 #[inline(always)]
@@ -103,7 +109,10 @@ pub fn is_tcp_open(protocol: u8, flags: u8) -> bool {
 
 /// What a passing packet of an open connection does to its entry.
 pub enum Update {
+    /// At most the reply flag and the refresh time changed.
     Keep,
+    /// FIN: the connection is closing (flow cache slots must go).
+    Closing,
     /// RST: the connection is over; the entry goes after this packet passes.
     Remove,
 }
@@ -120,6 +129,7 @@ pub fn track(
     clock: &Clock,
 ) -> Update {
     let from_origin = entry.origin == direction as u8;
+    let mut update = Update::Keep;
     let mut flags = entry.flags;
     if !from_origin {
         flags |= ct_flags::SEEN_REPLY;
@@ -129,6 +139,7 @@ pub fn track(
             return Update::Remove;
         }
         if tcp_flags & TCP_FIN != 0 {
+            update = Update::Closing;
             flags |= if from_origin {
                 ct_flags::FIN_FROM_ORIGIN
             } else {
@@ -147,5 +158,5 @@ pub fn track(
     if clock.older_than(entry.last_seen, ct_timeout::REFRESH) {
         entry.last_seen = clock.now;
     }
-    Update::Keep
+    update
 }

@@ -5,6 +5,11 @@
 //! ([`classify`]) with the direction fixed at compile time.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(
+    internal_features,
+    reason = "atomic_xadd: the bpfel target has no atomic types"
+)]
 #![allow(
     clippy::needless_borrows_for_generic_args,
     reason = "map keys are passed by reference so they are not copied again"
@@ -13,6 +18,7 @@
 mod addr;
 mod classify;
 mod conntrack;
+mod flow_cache;
 mod maps;
 mod parse;
 mod policy;

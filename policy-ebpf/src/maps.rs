@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use policy_common::{
-    Config, CtEntry, CtKey, EndpointInfo, EndpointKey, FragEntry, FragKey, GENERATIONS,
+    Config, CtEntry, CtKey, EndpointInfo, EndpointKey, FlowSlot, FragEntry, FragKey, GENERATIONS,
     PeerCidrData, PeerInfo, PeerIpKey, PolicyKey, PolicyValue, Reason, VerdictCounter, capacity,
+    flow_cache,
 };
 
 /// Hash maps that are written rarely and can be large allocate on update.
@@ -42,6 +43,18 @@ pub static POLICY: HashMap<PolicyKey, PolicyValue> =
 
 #[map(name = "PALISADE_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+/// Established flows, per CPU, in front of [`CONNTRACK`] (see `flow_cache`).
+/// Not pinned: a new object starts with an empty cache.
+#[map(name = "PALISADE_FLOW_CACHE")]
+pub static FLOW_CACHE: PerCpuArray<FlowSlot> = PerCpuArray::with_max_entries(flow_cache::SLOTS, 0);
+
+/// One version per flow cache index, shared by all CPUs: bumped whenever a
+/// conntrack entry of that index is created, closed or removed. Pinned, so
+/// that while a restarted agent swaps its programs into the links one hook
+/// at a time, old and new programs see each other's bumps.
+#[map(name = "PALISADE_FLOW_VERSIONS")]
+pub static FLOW_VERSIONS: Array<u32> = Array::pinned(flow_cache::SLOTS, 0);
 
 #[map(name = "PALISADE_FRAGMENTS")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(capacity::FRAGMENTS, 0);

@@ -7,10 +7,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use aya::maps::PerCpuValues;
 use policy_agent::datapath::{Datapath, FlowReader, ReadEvent, action, cidr_key};
 use policy_common::{
-    Addr, Direction, EndpointInfo, EndpointKey, FlowEvent, PeerInfo, PeerIpKey, PolicyKey,
-    PolicyValue, PortRule, Reason, event::DecodedCodes, v4_mapped,
+    Addr, CtKey, Direction, EndpointInfo, EndpointKey, FlowEvent, FlowSlot, PeerInfo, PeerIpKey,
+    PolicyKey, PolicyValue, PortRule, Reason, event::DecodedCodes, flow_cache, v4_mapped,
 };
 
 /// The interface test runs pretend to cross: the loopback device, which
@@ -144,6 +145,58 @@ impl Classifier {
         let mut epochs = self.datapath.epochs()?;
         let epoch = epochs.get(&endpoint_id, 0)?;
         epochs.set(endpoint_id, epoch + 1, 0)?;
+        Ok(())
+    }
+
+    /// The flow cache slot `key` maps to, on every CPU.
+    pub fn flow_slots(&mut self, key: &CtKey) -> Result<Vec<FlowSlot>> {
+        let slots = self.datapath.flow_cache()?.get(&key.cache_index(), 0)?;
+        Ok(slots.iter().copied().collect())
+    }
+
+    /// Whether some CPU's flow cache holds `key`.
+    pub fn is_cached(&mut self, key: &CtKey) -> Result<bool> {
+        Ok(self.flow_slots(key)?.iter().any(|slot| slot.key == *key))
+    }
+
+    /// Writes `slot` into its place on every CPU, as if each had cached it.
+    pub fn put_flow_slot(&mut self, slot: FlowSlot) -> Result<()> {
+        let cpus = self.datapath.flow_cache()?.get(&0, 0)?.len();
+        let values = PerCpuValues::try_from(vec![slot; cpus])?;
+        self.datapath
+            .flow_cache()?
+            .set(slot.key.cache_index(), values, 0)?;
+        Ok(())
+    }
+
+    /// Makes `seconds` pass for every tracked connection and cached flow.
+    pub fn age(&mut self, seconds: u64) -> Result<()> {
+        let hz = self.datapath.config()?.get(&0, 0)?.hz;
+        let mut ct = self.datapath.conntrack()?;
+        let entries: Vec<_> = ct.iter().collect::<Result<_, _>>()?;
+        for (key, mut entry) in entries {
+            entry.last_seen -= seconds * hz;
+            ct.insert(key, entry, 0)?;
+        }
+        let mut cache = self.datapath.flow_cache()?;
+        for index in 0..flow_cache::SLOTS {
+            let slots: Vec<FlowSlot> = cache.get(&index, 0)?.iter().copied().collect();
+            if slots.iter().all(|slot| slot.epoch == 0) {
+                continue;
+            }
+            let aged: Vec<FlowSlot> = slots
+                .into_iter()
+                .map(|mut slot| {
+                    slot.checked_at = slot.checked_at.wrapping_sub((seconds * hz) as u32);
+                    slot
+                })
+                .collect();
+            cache.set(
+                index,
+                PerCpuValues::try_from(aged).map_err(anyhow::Error::from)?,
+                0,
+            )?;
+        }
         Ok(())
     }
 

@@ -5,12 +5,13 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use palisade_tests::{
-    fixture::{Classifier, Run, any_port, port_ranges},
+    fixture::{Classifier, Run, TEST_IFINDEX, any_port, port_ranges},
     packet::{self, ACK, FIN, Packet, RST, SYN},
 };
 use policy_common::{
+    CtKey,
     Direction::{Egress, Ingress},
-    EndpointInfo, PolicyKey, Reason, Verdict, identity, proto,
+    EndpointInfo, PolicyKey, Reason, Verdict, ct_flags, identity, proto, v4_mapped,
 };
 
 const EP: u32 = 7;
@@ -834,19 +835,238 @@ fn idle_connections_expire() {
         B_ID,
     );
     expect_quiet_pass(&c.run(Egress, &packet::udp4(LOCAL, 53, B, 5353)).unwrap());
-    let age = |c: &mut Classifier, seconds: u64| {
-        let mut ct = c.datapath.conntrack().unwrap();
-        let entries: Vec<_> = ct.iter().collect::<Result<_, _>>().unwrap();
-        for (key, mut entry) in entries {
-            entry.last_seen -= seconds * hz;
-            ct.insert(key, entry, 0).unwrap();
-        }
-    };
-    age(&mut c, policy_common::ct_timeout::UDP - 5);
+    c.age(policy_common::ct_timeout::UDP - 5).unwrap();
     expect_quiet_pass(&c.run(Egress, &packet::udp4(LOCAL, 53, B, 5353)).unwrap());
-    age(&mut c, policy_common::ct_timeout::UDP + 5);
+    c.age(policy_common::ct_timeout::UDP + 5).unwrap();
     expect_dropped(
         &c.run(Egress, &packet::udp4(LOCAL, 53, B, 5353)).unwrap(),
         Reason::DeniedByPolicy,
     );
+}
+
+// The flow cache: established packets are passed from a per-CPU slot, which
+// must never outlive what conntrack and the epochs say.
+
+fn tcp_key(peer: Ipv4Addr, peer_port: u16, local_port: u16) -> CtKey {
+    CtKey {
+        ifindex: TEST_IFINDEX,
+        local_addr: v4_mapped(LOCAL.octets()),
+        peer_addr: v4_mapped(peer.octets()),
+        local_port,
+        peer_port,
+        protocol: proto::TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// A's connection from `port` to LOCAL:80, opened and answered.
+fn open_from_a(c: &mut Classifier, port: u16) {
+    expect_allowed(
+        &c.run(Ingress, &packet::tcp4(A, port, LOCAL, 80, SYN))
+            .unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_A_80,
+        A_ID,
+    );
+    expect_quiet_pass(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, port, SYN | ACK))
+            .unwrap(),
+    );
+}
+
+fn established_count(c: &mut Classifier) -> u64 {
+    let totals = c.datapath.verdict_totals().unwrap();
+    totals
+        .iter()
+        .find(|(r, _)| *r == Reason::AllowedEstablished)
+        .unwrap()
+        .1
+        .packets
+}
+
+#[test]
+fn cached_flows_are_still_revoked_by_a_policy_change() {
+    // Egress isolated with no egress rule: the pod's segments pass only as
+    // part of a tracked connection.
+    let mut c = classifier(true);
+    let key = tcp_key(A, 40000, 80);
+    open_from_a(&mut c, 40000);
+    let before = established_count(&mut c);
+    for _ in 0..3 {
+        expect_quiet_pass(
+            &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, ACK))
+                .unwrap(),
+        );
+        expect_quiet_pass(
+            &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, ACK))
+                .unwrap(),
+        );
+    }
+    assert!(c.is_cached(&key).unwrap());
+    assert_eq!(established_count(&mut c) - before, 6);
+
+    c.remove_policy(ingress_key(A_ID, proto::TCP)).unwrap();
+    c.bump_epoch().unwrap();
+    expect_dropped(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40000, ACK))
+            .unwrap(),
+        Reason::DeniedRevoked,
+    );
+    expect_dropped(
+        &c.run(Ingress, &packet::tcp4(A, 40000, LOCAL, 80, ACK))
+            .unwrap(),
+        Reason::DeniedRevoked,
+    );
+}
+
+#[test]
+fn a_slot_cached_before_rst_is_not_trusted_after_it() {
+    let mut c = classifier(true);
+    let key = tcp_key(A, 40001, 80);
+    open_from_a(&mut c, 40001);
+    expect_quiet_pass(
+        &c.run(Ingress, &packet::tcp4(A, 40001, LOCAL, 80, ACK))
+            .unwrap(),
+    );
+    let slot = *c
+        .flow_slots(&key)
+        .unwrap()
+        .iter()
+        .find(|s| s.key == key)
+        .expect("the established flow is cached");
+
+    expect_quiet_pass(
+        &c.run(Ingress, &packet::tcp4(A, 40001, LOCAL, 80, RST))
+            .unwrap(),
+    );
+    // Every CPU still holding the slot (a CPU that did not see the RST)
+    // must not pass the pod's next segment: it is a new egress attempt.
+    c.put_flow_slot(slot).unwrap();
+    expect_dropped(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40001, ACK))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
+    // A new SYN on the tuple is judged anew, with its own event.
+    c.remove_policy(ingress_key(A_ID, proto::TCP)).unwrap();
+    expect_dropped(
+        &c.run(Ingress, &packet::tcp4(A, 40001, LOCAL, 80, SYN))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
+}
+
+#[test]
+fn a_slot_cached_before_a_new_syn_is_not_trusted_after_it() {
+    let mut c = classifier(true);
+    let key = tcp_key(A, 40002, 80);
+    open_from_a(&mut c, 40002);
+    expect_quiet_pass(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40002, ACK))
+            .unwrap(),
+    );
+    let slot = *c
+        .flow_slots(&key)
+        .unwrap()
+        .iter()
+        .find(|s| s.key == key)
+        .expect("the established flow is cached");
+
+    // A new SYN replaces the entry: no reply seen yet.
+    expect_allowed(
+        &c.run(Ingress, &packet::tcp4(A, 40002, LOCAL, 80, SYN))
+            .unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_A_80,
+        A_ID,
+    );
+    c.put_flow_slot(slot).unwrap();
+    // The pod's reply goes through conntrack, which records it.
+    expect_quiet_pass(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40002, ACK))
+            .unwrap(),
+    );
+    let entry = c.datapath.conntrack().unwrap().get(&key, 0).unwrap();
+    assert_ne!(entry.flags & ct_flags::SEEN_REPLY, 0, "{entry:?}");
+}
+
+#[test]
+fn a_conntrack_flush_from_user_space_empties_the_cache() {
+    let mut c = classifier(true);
+    let key = tcp_key(A, 40003, 80);
+    open_from_a(&mut c, 40003);
+    expect_quiet_pass(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40003, ACK))
+            .unwrap(),
+    );
+    assert!(c.is_cached(&key).unwrap());
+    c.datapath.conntrack().unwrap().remove(&key).unwrap();
+    c.datapath.count_ct_flush().unwrap();
+    expect_dropped(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, 40003, ACK))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
+}
+
+#[test]
+fn flows_colliding_on_a_slot_take_turns() {
+    let mut c = classifier(true);
+    let (p1, k1) = (41000, tcp_key(A, 41000, 80));
+    let (p2, k2) = (41001..)
+        .map(|p| (p, tcp_key(A, p, 80)))
+        .find(|(_, k)| k.cache_index() == k1.cache_index())
+        .unwrap();
+    open_from_a(&mut c, p1);
+    open_from_a(&mut c, p2);
+    let before = established_count(&mut c);
+    for _ in 0..3 {
+        for (port, key) in [(p1, &k1), (p2, &k2)] {
+            expect_quiet_pass(
+                &c.run(Egress, &packet::tcp4(LOCAL, 80, A, port, ACK))
+                    .unwrap(),
+            );
+            assert!(c.is_cached(key).unwrap());
+        }
+    }
+    assert_eq!(established_count(&mut c) - before, 6);
+
+    // Closing one leaves the other established.
+    expect_quiet_pass(
+        &c.run(Ingress, &packet::tcp4(A, p1, LOCAL, 80, RST))
+            .unwrap(),
+    );
+    expect_dropped(
+        &c.run(Egress, &packet::tcp4(LOCAL, 80, A, p1, ACK)).unwrap(),
+        Reason::DeniedByPolicy,
+    );
+    expect_quiet_pass(&c.run(Egress, &packet::tcp4(LOCAL, 80, A, p2, ACK)).unwrap());
+}
+
+#[test]
+fn one_way_flows_are_cached_for_their_direction_only() {
+    // UDP from A that the pod never answers: cached for ingress; the pod's
+    // first answer still reaches conntrack and is recorded as a reply.
+    let mut c = classifier(true);
+    expect_allowed(
+        &c.run(Ingress, &packet::udp4(C, 7000, LOCAL, 7001)).unwrap(),
+        Reason::AllowedByPolicy,
+        RULE_C_ALL,
+        C_ID,
+    );
+    expect_quiet_pass(&c.run(Ingress, &packet::udp4(C, 7000, LOCAL, 7001)).unwrap());
+    let key = CtKey {
+        protocol: proto::UDP,
+        ..tcp_key(C, 7000, 7001)
+    };
+    let slot = *c
+        .flow_slots(&key)
+        .unwrap()
+        .iter()
+        .find(|s| s.key == key)
+        .expect("the flow is cached");
+    assert_eq!(slot.passes, 1 << Ingress as u8);
+    expect_quiet_pass(&c.run(Egress, &packet::udp4(LOCAL, 7001, C, 7000)).unwrap());
+    let entry = c.datapath.conntrack().unwrap().get(&key, 0).unwrap();
+    assert_ne!(entry.flags & ct_flags::SEEN_REPLY, 0, "{entry:?}");
 }

@@ -5,8 +5,9 @@
 use crate::datapath::{Datapath, DatapathError};
 use policy_common::names;
 
-/// Removes the conntrack entries of interface `ifindex` and the fragment
-/// entries of `endpoint_id`; returns how many conntrack entries went.
+/// Removes the conntrack entries of interface `ifindex` (and, through
+/// `Config::ct_flushes`, every flow cache slot) and the fragment entries of
+/// `endpoint_id`; returns how many conntrack entries went.
 pub fn flush_endpoint(
     dp: &mut Datapath,
     ifindex: u32,
@@ -29,6 +30,9 @@ pub fn flush_endpoint(
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(map_err(names::CONNTRACK)(e)),
         }
+    }
+    if flushed > 0 {
+        dp.count_ct_flush()?;
     }
 
     let mut fragments = dp.fragments()?;

@@ -49,7 +49,8 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::InvalidArgument => "invalid request",
         tonic::Code::ResourceExhausted => "no room",
         tonic::Code::Unavailable => "unavailable",
-        _ => "error",
+        tonic::Code::Unimplemented => "not supported by this agent (an older version?)",
+        other => other.description(),
     }
 }
 

@@ -2,8 +2,8 @@
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use policy_common::{
-    Config, CtEntry, CtKey, EndpointInfo, EndpointKey, FragEntry, FragKey, PeerCidrData, PeerInfo,
-    PeerIpKey, PolicyKey, PolicyValue, Reason, VerdictCounter, names,
+    Config, CtEntry, CtKey, EndpointInfo, EndpointKey, FlowSlot, FragEntry, FragKey, PeerCidrData,
+    PeerInfo, PeerIpKey, PolicyKey, PolicyValue, Reason, VerdictCounter, names,
 };
 
 use super::{Datapath, DatapathError};
@@ -49,6 +49,7 @@ impl Datapath {
     map_accessor!(policy, names::POLICY, HashMap<&mut MapData, PolicyKey, PolicyValue>);
     map_accessor!(conntrack, names::CONNTRACK, HashMap<&mut MapData, CtKey, CtEntry>);
     map_accessor!(fragments, names::FRAGMENTS, HashMap<&mut MapData, FragKey, FragEntry>);
+    map_accessor!(flow_cache, names::FLOW_CACHE, PerCpuArray<&mut MapData, FlowSlot>);
     map_accessor!(verdict_stats, names::VERDICT_STATS, PerCpuArray<&mut MapData, VerdictCounter>);
     map_accessor!(events_lost_map, names::EVENTS_LOST, PerCpuArray<&mut MapData, u64>);
 
@@ -72,6 +73,19 @@ impl Datapath {
             totals.push((reason, sum));
         }
         Ok(totals)
+    }
+
+    /// Records that conntrack entries were removed from user space: every
+    /// flow cache slot filled before is no longer trusted.
+    pub fn count_ct_flush(&mut self) -> Result<(), DatapathError> {
+        let map_err = |source| DatapathError::Map {
+            name: names::CONFIG,
+            source,
+        };
+        let mut config = self.config()?;
+        let mut current = config.get(&0, 0).map_err(map_err)?;
+        current.ct_flushes = current.ct_flushes.wrapping_add(1);
+        config.set(0, current, 0).map_err(map_err)
     }
 
     /// Flow events the kernel could not reserve room for, summed over CPUs.

@@ -15,7 +15,8 @@ use palisade_tests::{
     packet::{self, ACK, SYN},
 };
 use policy_common::{
-    Direction::Ingress, EndpointInfo, PolicyKey, PolicyValue, PortRule, identity, names, proto,
+    Direction::{Egress, Ingress},
+    EndpointInfo, PolicyKey, PolicyValue, PortRule, identity, names, proto,
 };
 use serde_json::json;
 
@@ -185,9 +186,12 @@ pub fn run(opts: &Options) -> Result<()> {
         let mut b = Bench { c: &mut c, opts };
 
         let syn = packet::tcp4(CLIENT, 40000, LOCAL, 443, SYN);
+        let syn_ack = packet::tcp4(LOCAL, 443, CLIENT, 40000, SYN | ACK);
         let ack = packet::tcp4(CLIENT, 40000, LOCAL, 443, ACK);
-        // Open the connection the established figure rides on.
+        // Open the connection the established figure rides on; its reply
+        // makes it established.
         b.c.run(Ingress, &syn)?;
+        b.c.run(Egress, &syn_ack)?;
         let floor_repeat = b.repeated(names::PROG_NOOP, &ack)?;
         let established = b.repeated(names::PROG_TO_POD, &ack)?;
 

@@ -232,6 +232,7 @@ impl Palisade {
         for k in &keys {
             let _ = ct.remove(k);
         }
+        self.dp.count_ct_flush()?;
         Ok(keys.len())
     }
 
