@@ -27,7 +27,7 @@ pub use tonic::Code;
 pub enum ClientError {
     #[error("cannot reach the agent at {socket}: {reason}")]
     Unreachable { socket: PathBuf, reason: String },
-    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    #[error("{}: {}", code_name(.0.code()), rpc_message(.0))]
     Rpc(#[from] tonic::Status),
     #[error("cannot reach the agent at {server}: {reason}")]
     UnreachableServer { server: String, reason: String },
@@ -56,6 +56,24 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::ResourceExhausted => "no room",
         tonic::Code::Unavailable => "unavailable",
         _ => "error",
+    }
+}
+
+/// The status's message, with the transport's reason when there is one
+/// (e.g. the TLS listener refused the client's certificate).
+fn rpc_message(status: &tonic::Status) -> String {
+    match std::error::Error::source(status) {
+        Some(source) => {
+            let (message, cause) = (status.message(), super::tls::chain(source));
+            if cause.starts_with(message) {
+                cause
+            } else if message.contains(&cause) {
+                message.to_owned()
+            } else {
+                format!("{message}: {cause}")
+            }
+        }
+        None => status.message().to_owned(),
     }
 }
 
