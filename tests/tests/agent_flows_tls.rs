@@ -129,7 +129,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(prefix: &str) -> (AgentDirs, Topology, TcpServer, Pki) {
+    fn parts(prefix: &str) -> (AgentDirs, Topology, TcpServer, Pki) {
         let dirs = AgentDirs::new(prefix).expect("agent directories");
         let pki = Pki::generate(&dirs.root);
         let pods = [("web", WEB), ("client", CLIENT)].map(|(name, ip)| {
@@ -166,7 +166,7 @@ impl Cluster {
     /// The cluster, its pods registered and programmed; `run_args` are
     /// given to `policy-agent run`.
     fn start(prefix: &str, run_args: impl FnOnce(&Topology, &Pki) -> Vec<String>) -> Self {
-        let (dirs, topo, server, pki) = Self::new(prefix);
+        let (dirs, topo, server, pki) = Self::parts(prefix);
         let extra = run_args(&topo, &pki);
         let agent = start_agent(&dirs, &topo, &extra).expect("starting the agent");
         let cluster = Self {
