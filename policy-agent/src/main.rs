@@ -54,10 +54,44 @@ enum OutputFormat {
     Json,
 }
 
+/// Where the agent is: its unix socket, or its TLS listener.
+#[derive(Args, Debug)]
+struct ServerArgs {
+    /// The agent's API socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Instead of --socket: the agent's TLS listener (`run
+    /// --flows-listen`), as https://HOST:PORT. Needs --tls-ca.
+    #[arg(long, value_name = "URL", requires = "tls_ca")]
+    server: Option<String>,
+    /// With --server: the CA that signed the agent's certificate (PEM).
+    #[arg(long, value_name = "FILE", requires = "server")]
+    tls_ca: Option<PathBuf>,
+    /// With --server: this client's certificate (PEM), when the agent
+    /// requires one (--tls-client-ca).
+    #[arg(long, value_name = "FILE", requires_all = ["server", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// With --server: this client's private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["server", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    fn connect(&self) -> Result<Client> {
+        let Some(server) = &self.server else {
+            return Ok(Client::connect(&self.socket)?);
+        };
+        let ca = self.tls_ca.as_deref().context("--server needs --tls-ca")?;
+        let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+        let tls = policy_agent::api::tls::client_config(ca, identity)?;
+        Ok(Client::connect_tls(server, tls)?)
+    }
+}
+
 #[derive(Args, Debug)]
 struct ObserveArgs {
     #[command(flatten)]
-    socket: SocketArg,
+    server: ServerArgs,
     /// Keep printing new flows as they come (until Ctrl-C).
     #[arg(short, long)]
     follow: bool,
@@ -145,6 +179,23 @@ struct RunArgs {
     /// default: without it no TCP socket is opened.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Also serve the read-only API (Flows, Explain, Status; never
+    /// Endpoints nor Sync) on TCP ADDR with TLS, for `observe --server`.
+    /// Off by default: without it no TCP socket is opened. Needs --tls-cert
+    /// and --tls-key; --tls-client-ca is recommended.
+    #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key"])]
+    flows_listen: Option<SocketAddr>,
+    /// With --flows-listen: the server's certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires = "flows_listen")]
+    tls_cert: Option<PathBuf>,
+    /// With --flows-listen: the server's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "flows_listen")]
+    tls_key: Option<PathBuf>,
+    /// With --flows-listen: require clients to present a certificate signed
+    /// by this CA (PEM), i.e. mutual TLS. Without it any client that can
+    /// reach ADDR may read flows.
+    #[arg(long, value_name = "FILE", requires = "flows_listen")]
+    tls_client_ca: Option<PathBuf>,
     /// Log lines as text or JSON (level: RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -165,12 +216,12 @@ struct ExplainArgs {
     /// TCP, UDP or SCTP.
     #[arg(long, default_value = "TCP")]
     protocol: String,
-    /// The agent's API socket (not with --dir).
-    #[arg(long, default_value = DEFAULT_SOCKET, conflicts_with = "dir")]
-    socket: PathBuf,
+    /// The agent (not with --dir).
+    #[command(flatten)]
+    server: ServerArgs,
     /// Explain offline: read the cluster from this directory of manifests
     /// (as `run --source files --dir` does) instead of asking the agent.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["socket", "server"])]
     dir: Option<PathBuf>,
     /// With --dir: the node's addresses (repeat for several); peers with
     /// them are the node.
@@ -333,6 +384,17 @@ fn run(args: RunArgs) -> Result<()> {
             SourceConfig::Kube
         }
     };
+    // Read and checked before anything else starts: a bad file is one
+    // clear error, not a failing handshake later.
+    let flows_listen = match (args.flows_listen, &args.tls_cert, &args.tls_key) {
+        (Some(addr), Some(cert), Some(key)) => Some(agent::FlowsListen {
+            addr,
+            tls: policy_agent::api::tls::server_config(cert, key, args.tls_client_ca.as_deref())?,
+            client_auth: args.tls_client_ca.is_some(),
+        }),
+        (Some(_), _, _) => anyhow::bail!("--flows-listen needs --tls-cert and --tls-key"),
+        (None, _, _) => None,
+    };
     let config = AgentConfig {
         node_name,
         source,
@@ -341,6 +403,7 @@ fn run(args: RunArgs) -> Result<()> {
         socket: args.socket,
         flow_history: args.flow_history,
         metrics_listen: args.metrics_listen,
+        flows_listen,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -374,7 +437,7 @@ fn observe(args: &ObserveArgs) -> Result<()> {
         .duration
         .map(|s| Duration::try_from_secs_f64(s).context("invalid --duration"))
         .transpose()?;
-    let mut client = Client::connect(&args.socket.socket)?;
+    let mut client = args.server.connect()?;
     let mut stdout = std::io::stdout().lock();
     if args.output == OutputFormat::Text {
         writeln!(stdout, "{}", policy_agent::observe::header())?;
@@ -514,7 +577,7 @@ fn explain(args: &ExplainArgs) -> Result<bool> {
     let query = explain_query(&request)?;
     let response = match &args.dir {
         Some(dir) => explain_offline(dir, &args.node_ips, &query)?,
-        None => Client::connect(&args.socket)?.explain(request)?,
+        None => args.server.connect()?.explain(request)?,
     };
     match args.output {
         OutputFormat::Text => print!("{}", response.text),

@@ -70,6 +70,19 @@ pub struct AgentConfig {
     /// Where to serve `GET /metrics` (Prometheus); `None`: nowhere, no
     /// socket is opened.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve the read-only API (Flows, Explain, Status) over TCP
+    /// with TLS; `None`: nowhere, no socket is opened.
+    pub flows_listen: Option<FlowsListen>,
+}
+
+/// The optional TCP listener of the read-only API (`--flows-listen`).
+#[derive(Clone, Debug)]
+pub struct FlowsListen {
+    pub addr: SocketAddr,
+    /// Loaded and checked by [`crate::api::tls::server_config`].
+    pub tls: tonic::transport::ServerTlsConfig,
+    /// Whether clients must present a certificate (`--tls-client-ca`).
+    pub client_auth: bool,
 }
 
 /// Flows kept for replay by default (about 2 MB).
@@ -184,6 +197,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         ),
         None => None,
     };
+    let flows_listener = match &config.flows_listen {
+        Some(listen) => Some(
+            tokio::net::TcpListener::bind(listen.addr)
+                .await
+                .with_context(|| format!("binding the flows listener {}", listen.addr))?,
+        ),
+        None => None,
+    };
     let listener = crate::api::socket::bind(&config.socket)?;
     tracing::info!(
         node = %config.node_name,
@@ -207,6 +228,31 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             },
         ));
     }
+    let (stop_flows_tx, stop_flows_rx) = oneshot::channel::<()>();
+    let flows_api = match (flows_listener, config.flows_listen) {
+        (Some(listener), Some(listen)) => {
+            let address = listener
+                .local_addr()
+                .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+            if listen.client_auth {
+                tracing::info!(%address, "read-only API listening (TLS, client certificates required)");
+            } else {
+                tracing::warn!(
+                    %address,
+                    "read-only API listening (TLS) without --tls-client-ca: any client that can reach it reads flows"
+                );
+            }
+            Some(tokio::spawn(crate::api::server::serve_read_only(
+                listener,
+                listen.tls,
+                handle.clone(),
+                async {
+                    let _ = stop_flows_rx.await;
+                },
+            )))
+        }
+        _ => None,
+    };
     let api = tokio::spawn(crate::api::server::serve(listener, handle, async {
         let _ = stop_api_rx.await;
     }));
@@ -231,6 +277,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     let _ = stop_api_tx.send(());
     let _ = stop_metrics_tx.send(());
+    let _ = stop_flows_tx.send(());
+    if let Some(task) = flows_api
+        && let Ok(Err(e)) = task.await
+    {
+        tracing::warn!(error = %e, "read-only API server");
+    }
     if let Ok(Err(e)) = api.await {
         tracing::warn!(error = %e, "API server");
     }

@@ -4,14 +4,16 @@
 //! ([`proto::endpoints_client::EndpointsClient`],
 //! [`proto::status_client::StatusClient`],
 //! [`proto::explain_client::ExplainClient`]); [`Client`] wraps them behind
-//! blocking calls for the CLI and for tests.
+//! blocking calls for the CLI and for tests. [`Client::connect_tls`] reaches
+//! the agent's optional TLS listener (`run --flows-listen`) instead of its
+//! socket; only the read-only calls are served there.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 
 use super::proto::{
     self, endpoints_client::EndpointsClient, explain_client::ExplainClient,
@@ -25,8 +27,12 @@ pub use tonic::Code;
 pub enum ClientError {
     #[error("cannot reach the agent at {socket}: {reason}")]
     Unreachable { socket: PathBuf, reason: String },
-    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    #[error("{}: {}", code_name(.0.code()), rpc_message(.0))]
     Rpc(#[from] tonic::Status),
+    #[error("cannot reach the agent at {server}: {reason}")]
+    UnreachableServer { server: String, reason: String },
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
     #[error("starting the client runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -51,6 +57,24 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::Unavailable => "unavailable",
         tonic::Code::Unimplemented => "not supported by this agent (an older version?)",
         other => other.description(),
+    }
+}
+
+/// The status's message, with the transport's reason when there is one
+/// (e.g. the TLS listener refused the client's certificate).
+fn rpc_message(status: &tonic::Status) -> String {
+    match std::error::Error::source(status) {
+        Some(source) => {
+            let (message, cause) = (status.message(), super::tls::chain(source));
+            if cause.starts_with(message) {
+                cause
+            } else if message.contains(&cause) {
+                message.to_owned()
+            } else {
+                format!("{message}: {cause}")
+            }
+        }
+        None => status.message().to_owned(),
     }
 }
 
@@ -92,6 +116,34 @@ pub async fn channel(socket: &Path) -> Result<Channel, ClientError> {
         .map_err(|e| unreachable(e.to_string()))
 }
 
+/// Connects to the agent's TLS listener at `server` (`https://HOST:PORT`;
+/// a bare `HOST:PORT` means the same). Plain `http://` is refused: the
+/// listener only speaks TLS.
+pub async fn channel_tls(server: &str, tls: ClientTlsConfig) -> Result<Channel, ClientError> {
+    let unreachable = |reason: String| ClientError::UnreachableServer {
+        server: server.to_owned(),
+        reason,
+    };
+    let uri = if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("https://{server}")
+    };
+    if !uri.starts_with("https://") {
+        return Err(unreachable(
+            "not an https:// address (the agent serves its API over TCP with TLS only)".into(),
+        ));
+    }
+    Endpoint::from_shared(uri)
+        .map_err(|e| unreachable(super::tls::chain(&e)))?
+        .connect_timeout(Duration::from_secs(10))
+        .tls_config(tls)
+        .map_err(|e| unreachable(super::tls::chain(&e)))?
+        .connect()
+        .await
+        .map_err(|e| unreachable(super::tls::chain(&e)))
+}
+
 /// A blocking client (owns a small runtime).
 pub struct Client {
     runtime: tokio::runtime::Runtime,
@@ -104,18 +156,35 @@ pub struct Client {
 impl Client {
     /// Connects to the agent on `socket`.
     pub fn connect(socket: &Path) -> Result<Self, ClientError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let runtime = Self::runtime()?;
+        let channel = runtime.block_on(channel(socket))?;
+        Ok(Self::new(runtime, channel))
+    }
+
+    /// Connects to the agent's TLS listener (see [`channel_tls`]); `tls`
+    /// from [`super::tls::client_config`]. Only `status`, `wait_enforced`,
+    /// `explain` and `observe` are served there.
+    pub fn connect_tls(server: &str, tls: ClientTlsConfig) -> Result<Self, ClientError> {
+        let runtime = Self::runtime()?;
+        let channel = runtime.block_on(channel_tls(server, tls))?;
+        Ok(Self::new(runtime, channel))
+    }
+
+    fn runtime() -> Result<tokio::runtime::Runtime, ClientError> {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(ClientError::Runtime)?;
-        let channel = runtime.block_on(channel(socket))?;
-        Ok(Self {
+            .map_err(ClientError::Runtime)
+    }
+
+    fn new(runtime: tokio::runtime::Runtime, channel: Channel) -> Self {
+        Self {
             runtime,
             endpoints: EndpointsClient::new(channel.clone()),
             flows: FlowsClient::new(channel.clone()),
             status: StatusClient::new(channel.clone()),
             explain: ExplainClient::new(channel),
-        })
+        }
     }
 
     /// `Status.Get`.

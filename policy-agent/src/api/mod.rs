@@ -7,12 +7,15 @@
 //!   [`AgentHandle`](crate::agent::handle::AgentHandle).
 //! * [`client`]: connecting to a running agent (the CLI, tests, the CNI
 //!   plugin).
+//! * [`tls`]: the optional TCP listener's TLS (`run --flows-listen`), which
+//!   serves only the read-only services ([`server::serve_read_only`]).
 
 pub mod client;
 mod convert;
 pub mod flows;
 pub mod server;
 pub mod socket;
+pub mod tls;
 
 pub use convert::{explain_query, explain_response};
 

@@ -1,10 +1,12 @@
 //! The API server: the `Endpoints`, `Status` and `Explain` services of
-//! `palisade.v1`, served on the agent's unix socket.
+//! `palisade.v1`, served on the agent's unix socket; and the read-only
+//! subset served over TCP with TLS when `run --flows-listen` asks for it
+//! ([`serve_read_only`]).
 
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -25,11 +27,7 @@ pub async fn serve(
     handle: AgentHandle,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let flows = super::flows::FlowsApi {
-        hub: handle.flows.clone(),
-        metrics: handle.metrics.flows.clone(),
-        node_name: handle.status().node_name.clone(),
-    };
+    let flows = flows_api(&handle);
     let api = Api { handle };
     tonic::transport::Server::builder()
         .add_service(proto::flows_server::FlowsServer::new(flows))
@@ -40,9 +38,67 @@ pub async fn serve(
         .await
 }
 
+/// Serves only what cannot change the agent's state, on `listener`, with
+/// TLS, until `shutdown` resolves: `Flows`, `Explain` and `Status` (whose
+/// `Sync` is refused with PERMISSION_DENIED). `Endpoints` is not served.
+pub async fn serve_read_only(
+    listener: TcpListener,
+    tls: tonic::transport::ServerTlsConfig,
+    handle: AgentHandle,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let flows = flows_api(&handle);
+    let api = Api { handle };
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .add_service(proto::flows_server::FlowsServer::new(flows))
+        .add_service(status_server::StatusServer::new(ReadOnly(api.clone())))
+        .add_service(explain_server::ExplainServer::new(api))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+fn flows_api(handle: &AgentHandle) -> super::flows::FlowsApi {
+    super::flows::FlowsApi {
+        hub: handle.flows.clone(),
+        metrics: handle.metrics.flows.clone(),
+        node_name: handle.status().node_name.clone(),
+    }
+}
+
 #[derive(Clone)]
 struct Api {
     handle: AgentHandle,
+}
+
+/// The `Status` service without `Sync`.
+struct ReadOnly(Api);
+
+#[tonic::async_trait]
+impl status_server::Status for ReadOnly {
+    async fn get(
+        &self,
+        request: Request<proto::GetStatusRequest>,
+    ) -> Result<Response<proto::AgentStatus>, Status> {
+        status_server::Status::get(&self.0, request).await
+    }
+
+    async fn wait_enforced(
+        &self,
+        request: Request<proto::WaitEnforcedRequest>,
+    ) -> Result<Response<proto::WaitEnforcedResponse>, Status> {
+        status_server::Status::wait_enforced(&self.0, request).await
+    }
+
+    async fn sync(
+        &self,
+        _request: Request<proto::SyncRequest>,
+    ) -> Result<Response<proto::SyncResponse>, Status> {
+        Err(Status::permission_denied(
+            "Sync is served on the agent's unix socket only",
+        ))
+    }
 }
 
 fn command_status(e: CommandError) -> Status {
