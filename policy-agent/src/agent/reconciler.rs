@@ -38,7 +38,7 @@ use super::metrics::{ApplyErrorLabels, KindLabels, Metrics, OperationLabels, Res
 use super::report::Reporter;
 use super::status::{EndpointStatus, Snapshot};
 use super::store::StateStore;
-use crate::compile::{Desired, IdentityAllocator, IdentityKey, NodeScope, compile};
+use crate::compile::{Desired, IdentityAllocator, NodeScope, compile};
 use crate::datapath::writer::MapWriter;
 use crate::datapath::{Adopted, Datapath, DatapathError};
 use crate::model::convert::rejected;
@@ -113,7 +113,8 @@ pub struct Reconciler {
     node_ips: Option<Vec<IpAddr>>,
     registry: EndpointRegistry,
     ids: IdentityAllocator,
-    saved_ids: Vec<(u32, IdentityKey)>,
+    /// [`IdentityAllocator::changes`] when the identities were last saved.
+    saved_ids: Option<u64>,
 
     revision: u64,
     /// When the oldest and the newest uncompiled change arrived.
@@ -166,8 +167,8 @@ impl Reconciler {
             kinds_seen: BTreeSet::new(),
             node_ips: None,
             registry,
+            saved_ids: Some(ids.changes()),
             ids,
-            saved_ids,
             revision: 0,
             dirty: None,
             enforced_revision: 0,
@@ -650,10 +651,12 @@ impl Reconciler {
             let input = Self::compile_input(&self.state, &self.registry);
             compile(&input, &scope, &mut self.ids)
         };
+        let compiled = started.elapsed();
         let mut diagnostics = desired.diagnostics.clone();
         diagnostics.extend(self.rejected.values().cloned());
         self.reporter.compiled(&diagnostics);
         self.save_identities();
+        let saved = started.elapsed();
 
         match self.writer.apply(&mut self.dp, &desired) {
             Ok(stats) => {
@@ -685,6 +688,8 @@ impl Reconciler {
                         endpoints = desired.endpoints.len(),
                         policy_entries = desired.policy.len(),
                         elapsed_ms = started.elapsed().as_millis() as u64,
+                        compile_ms = compiled.as_millis() as u64,
+                        report_and_save_ms = (saved - compiled).as_millis() as u64,
                         "maps programmed"
                     );
                 } else {
@@ -739,16 +744,12 @@ impl Reconciler {
     }
 
     fn save_identities(&mut self) {
-        let now: Vec<(u32, IdentityKey)> = self
-            .ids
-            .assignments()
-            .map(|(id, key)| (id, key.clone()))
-            .collect();
-        if now == self.saved_ids {
+        let now = self.ids.changes();
+        if self.saved_ids == Some(now) {
             return;
         }
         match self.store.save_identities(&self.ids) {
-            Ok(()) => self.saved_ids = now,
+            Ok(()) => self.saved_ids = Some(now),
             Err(e) => {
                 self.metrics.state_write_errors.inc();
                 tracing::error!(error = %e, "saving identities");
