@@ -222,6 +222,10 @@ impl Reconciler {
                     }
                 }
                 () = sleep_until(deadline), if deadline.is_some() => self.reconcile(),
+                // Idle: bring the generation the classifier left up to date.
+                () = std::future::ready(()), if self.writer.lagging() && self.dirty.is_none() => {
+                    self.catch_up();
+                }
             }
             self.publish();
         }
@@ -658,7 +662,7 @@ impl Reconciler {
         self.save_identities();
         let saved = started.elapsed();
 
-        match self.writer.apply(&mut self.dp, &desired) {
+        match self.writer.apply_deferred(&mut self.dp, &desired) {
             Ok(stats) => {
                 self.metrics
                     .reconciles
@@ -704,6 +708,28 @@ impl Reconciler {
                 self.last_applied = Some(desired);
             }
             Err(e) => self.apply_failed(revision, &e),
+        }
+    }
+
+    /// Writes the last applied contents into the generation the classifier
+    /// no longer reads (after the change was enforced: see
+    /// [`MapWriter::apply_deferred`]). A failure only means the next apply
+    /// writes more (and reports a real problem then).
+    fn catch_up(&mut self) {
+        let Some(desired) = &self.last_applied else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        match self.writer.catch_up(&mut self.dp, desired) {
+            Ok((written, removed)) => tracing::debug!(
+                written,
+                removed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "other generation brought up to date"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "bringing the other generation up to date; the next apply will")
+            }
         }
     }
 

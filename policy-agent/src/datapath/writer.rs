@@ -65,6 +65,9 @@ impl Contents {
 #[derive(Debug, Default)]
 pub struct MapWriter {
     known: [Option<Contents>; 2],
+    /// The generation [`MapWriter::apply_deferred`] left behind, to bring up
+    /// to date with [`MapWriter::catch_up`].
+    lagging: Option<u32>,
 }
 
 /// Applies `desired` with a writer that knows nothing yet (reads the maps).
@@ -77,8 +80,24 @@ impl MapWriter {
         Self::default()
     }
 
-    /// Brings the classifier to `desired`.
+    /// Brings the classifier to `desired`, and the generation it no longer
+    /// reads too.
     pub fn apply(
+        &mut self,
+        dp: &mut Datapath,
+        desired: &Desired,
+    ) -> Result<SyncStats, DatapathError> {
+        let stats = self.apply_deferred(dp, desired)?;
+        self.catch_up(dp, desired)?;
+        Ok(stats)
+    }
+
+    /// Brings the classifier to `desired` (stage, switch, epochs) and
+    /// leaves the generation it no longer reads for [`MapWriter::catch_up`]:
+    /// a change is enforced after writing its difference once, not twice.
+    /// A later apply is correct whether or not the catch-up ran (staging
+    /// writes whatever that generation lacks).
+    pub fn apply_deferred(
         &mut self,
         dp: &mut Datapath,
         desired: &Desired,
@@ -93,7 +112,29 @@ impl MapWriter {
             // Both generations already hold it: nothing to switch or re-judge.
             return Ok(SyncStats::default());
         }
-        self.commit(dp, desired, staged)
+        let active = staged.active;
+        let stats = self.switch(dp, desired, staged)?;
+        self.lagging = Some(active);
+        Ok(stats)
+    }
+
+    /// Whether a generation waits for [`MapWriter::catch_up`].
+    pub fn lagging(&self) -> bool {
+        self.lagging.is_some()
+    }
+
+    /// Brings the generation the last [`MapWriter::apply_deferred`] left
+    /// behind up to `desired` (what that apply enforced). Returns the
+    /// entries written and removed.
+    pub fn catch_up(
+        &mut self,
+        dp: &mut Datapath,
+        desired: &Desired,
+    ) -> Result<(usize, usize), DatapathError> {
+        match self.lagging.take() {
+            Some(generation) => self.sync(dp, generation, desired),
+            None => Ok((0, 0)),
+        }
     }
 
     /// Writes `desired` into the generation the classifier does not read.
@@ -104,6 +145,9 @@ impl MapWriter {
         // What the classifier reads: known from here to the commit.
         self.contents(dp, active)?;
         let (written, removed) = self.sync(dp, next, desired)?;
+        if self.lagging == Some(next) {
+            self.lagging = None;
+        }
         Ok(Staged {
             active,
             next,
@@ -115,6 +159,20 @@ impl MapWriter {
     /// Switches the classifier to the staged generation, re-judges what may
     /// have changed, and brings the other generation up to date.
     pub fn commit(
+        &mut self,
+        dp: &mut Datapath,
+        desired: &Desired,
+        staged: Staged,
+    ) -> Result<SyncStats, DatapathError> {
+        let active = staged.active;
+        let stats = self.switch(dp, desired, staged)?;
+        self.sync(dp, active, desired)?;
+        Ok(stats)
+    }
+
+    /// Switches the classifier to the staged generation and re-judges what
+    /// may have changed.
+    fn switch(
         &mut self,
         dp: &mut Datapath,
         desired: &Desired,
@@ -162,7 +220,6 @@ impl MapWriter {
                 epochs.set(*id, 0, 0).map_err(map_err(names::EPOCHS))?;
             }
         }
-        self.sync(dp, active, desired)?;
         Ok(stats)
     }
 
