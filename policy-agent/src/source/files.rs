@@ -56,7 +56,7 @@ use crate::model::{ObjectRef, Severity};
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the whole directory is compared with what was loaded while
 /// inotify watches it: the safety net for a lost event.
-pub const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(60);
 /// Quiet time after an event before the changed files are read: a burst of
 /// writes (`kubectl apply` of several files) becomes one batch.
 pub const QUIET: Duration = Duration::from_millis(2);
