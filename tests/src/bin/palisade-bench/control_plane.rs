@@ -550,12 +550,7 @@ pub fn run(opts: &Options) -> Result<()> {
             "< 1000 ms",
             ms(restart_ready) < 1000.0,
         ),
-        (
-            "start + 110 regs",
-            format!("{:.0} ms", ms(cold)),
-            "",
-            true,
-        ),
+        ("start + 110 regs", format!("{:.0} ms", ms(cold)), "", true),
         ("change p50", format!("{p50:.1} ms"), "", true),
         ("change p99", format!("{p99:.1} ms"), "< 50 ms", p99 < 50.0),
         ("change max", format!("{max:.1} ms"), "", true),
