@@ -449,7 +449,7 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
 
     // Every grant of every rule, by key: sorted once, then each key's
     // value built from its run.
-    grants.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    grants.sort_unstable_by_key(|(key, _)| *key);
     let mut policy: Vec<(PolicyKey, PolicyValue)> = Vec::new();
     let mut builder = ValueBuilder::default();
     for (i, (key, grant)) in grants.iter().enumerate() {

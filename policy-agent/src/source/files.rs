@@ -603,7 +603,7 @@ impl Loader {
                         bytes: bytes.clone(),
                         keys: objects.iter().map(object_key).collect(),
                     };
-                    let before = std::mem::replace(&mut state.good, Some(good));
+                    let before = state.good.replace(good);
                     state.problems = problems;
                     self.touched.entry(path.clone()).or_insert(before);
                     self.fresh.insert(path, objects);
