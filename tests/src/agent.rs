@@ -13,7 +13,9 @@
 //! * [`dump_pinned_maps`]: the verdict maps as bpftool reads them, to
 //!   compare what two agents programmed.
 //!
-//! Set `PALISADE_KEEP_AGENT_LOGS=DIR` to keep every agent's log in DIR.
+//! Set `PALISADE_KEEP_AGENT_LOGS=DIR` to keep every agent's log in DIR, and
+//! `PALISADE_AGENT_LOG` to the agent's `RUST_LOG` (default
+//! `info,policy_agent=debug`).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -224,7 +226,11 @@ impl Agent {
             .arg(&dirs.state)
             .arg("--socket")
             .arg(&dirs.socket)
-            .env("RUST_LOG", "info,policy_agent=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("PALISADE_AGENT_LOG")
+                    .unwrap_or_else(|_| "info,policy_agent=debug".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

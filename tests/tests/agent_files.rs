@@ -5,7 +5,7 @@
 //! directory, state directory, socket and pin directory. Pods are
 //! registered through its API as the CNI plugin will, and every check of
 //! traffic follows a `Sync` + `WaitEnforced` (or a wait for the next
-//! revision, to exercise the directory polling): no sleeps.
+//! revision, to exercise the directory watch): no sleeps.
 //!
 //! Cluster: namespaces `alpha` and `beta` (and `gamma`, later); pods
 //! alpha/web (app=web, TCP 8080 and 8081), alpha/client (app=client),
@@ -382,7 +382,7 @@ fn files_source_end_to_end() {
     );
 
     // Relabel alpha/client: no longer allowed to reach web. Waits for the
-    // next revision without Sync: the directory polling must see it.
+    // next revision without Sync: the inotify watch must see it.
     let revision = cluster.status().revision;
     cluster
         .dirs

@@ -38,7 +38,7 @@ use super::metrics::{ApplyErrorLabels, KindLabels, Metrics, OperationLabels, Res
 use super::report::Reporter;
 use super::status::{EndpointStatus, Snapshot};
 use super::store::StateStore;
-use crate::compile::{Desired, IdentityAllocator, IdentityKey, NodeScope, compile};
+use crate::compile::{Desired, IdentityAllocator, NodeScope, compile};
 use crate::datapath::writer::MapWriter;
 use crate::datapath::{Adopted, Datapath, DatapathError, FlowReader, LostCounter};
 use crate::flows::{FlowNames, FlowTap};
@@ -116,7 +116,8 @@ pub struct Reconciler {
     node_ips: Option<Vec<IpAddr>>,
     registry: EndpointRegistry,
     ids: IdentityAllocator,
-    saved_ids: Vec<(u32, IdentityKey)>,
+    /// [`IdentityAllocator::changes`] when the identities were last saved.
+    saved_ids: Option<u64>,
 
     revision: u64,
     /// When the oldest and the newest uncompiled change arrived.
@@ -170,8 +171,8 @@ impl Reconciler {
             kinds_seen: BTreeSet::new(),
             node_ips: None,
             registry,
+            saved_ids: Some(ids.changes()),
             ids,
-            saved_ids,
             revision: 0,
             dirty: None,
             enforced_revision: 0,
@@ -237,6 +238,10 @@ impl Reconciler {
                     }
                 }
                 () = sleep_until(deadline), if deadline.is_some() => self.reconcile(),
+                // Idle: bring the generation the classifier left up to date.
+                () = std::future::ready(()), if self.writer.lagging() && self.dirty.is_none() => {
+                    self.catch_up();
+                }
             }
             self.publish();
         }
@@ -701,13 +706,15 @@ impl Reconciler {
             (desired, names)
         };
         self.metrics.observe_compile(started.elapsed());
+        let compiled = started.elapsed();
         let mut diagnostics = desired.diagnostics.clone();
         diagnostics.extend(self.rejected.values().cloned());
         self.reporter.compiled(&diagnostics);
         self.save_identities();
+        let saved = started.elapsed();
 
         let applying = std::time::Instant::now();
-        let applied = self.writer.apply(&mut self.dp, &desired);
+        let applied = self.writer.apply_deferred(&mut self.dp, &desired);
         self.metrics.observe_apply(applying.elapsed());
         match applied {
             Ok(stats) => {
@@ -740,6 +747,8 @@ impl Reconciler {
                         endpoints = desired.endpoints.len(),
                         policy_entries = desired.policy.len(),
                         elapsed_ms = started.elapsed().as_millis() as u64,
+                        compile_ms = compiled.as_millis() as u64,
+                        report_and_save_ms = (saved - compiled).as_millis() as u64,
                         "maps programmed"
                     );
                 } else {
@@ -757,6 +766,28 @@ impl Reconciler {
                 }
             }
             Err(e) => self.apply_failed(revision, &e),
+        }
+    }
+
+    /// Writes the last applied contents into the generation the classifier
+    /// no longer reads (after the change was enforced: see
+    /// [`MapWriter::apply_deferred`]). A failure only means the next apply
+    /// writes more (and reports a real problem then).
+    fn catch_up(&mut self) {
+        let Some(desired) = &self.last_applied else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        match self.writer.catch_up(&mut self.dp, desired) {
+            Ok((written, removed)) => tracing::debug!(
+                written,
+                removed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "other generation brought up to date"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "bringing the other generation up to date; the next apply will")
+            }
         }
     }
 
@@ -797,16 +828,12 @@ impl Reconciler {
     }
 
     fn save_identities(&mut self) {
-        let now: Vec<(u32, IdentityKey)> = self
-            .ids
-            .assignments()
-            .map(|(id, key)| (id, key.clone()))
-            .collect();
-        if now == self.saved_ids {
+        let now = self.ids.changes();
+        if self.saved_ids == Some(now) {
             return;
         }
         match self.store.save_identities(&self.ids) {
-            Ok(()) => self.saved_ids = now,
+            Ok(()) => self.saved_ids = Some(now),
             Err(e) => {
                 self.metrics.state_write_errors.inc();
                 tracing::error!(error = %e, "saving identities");

@@ -67,6 +67,19 @@ struct IdentityEntry {
     key: IdentityKey,
 }
 
+/// [`IdentitiesFile`] as written: borrowed, nothing cloned.
+#[derive(Serialize)]
+struct IdentitiesOut<'a> {
+    version: u32,
+    identities: Vec<IdentityEntryOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct IdentityEntryOut<'a> {
+    id: u32,
+    key: &'a IdentityKey,
+}
+
 #[derive(Serialize, Deserialize)]
 struct EndpointsFile {
     version: u32,
@@ -130,14 +143,11 @@ impl StateStore {
 
     /// Saves the allocator's assignments.
     pub fn save_identities(&self, ids: &IdentityAllocator) -> Result<(), StoreError> {
-        let file = IdentitiesFile {
+        let file = IdentitiesOut {
             version: FORMAT_VERSION,
             identities: ids
                 .assignments()
-                .map(|(id, key)| IdentityEntry {
-                    id,
-                    key: key.clone(),
-                })
+                .map(|(id, key)| IdentityEntryOut { id, key })
                 .collect(),
         };
         self.write(IDENTITIES, &file)

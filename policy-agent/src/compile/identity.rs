@@ -7,14 +7,14 @@
 //! allocator with the previous assignments, and is freed (and may be reused)
 //! once no pod or policy uses its key.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use ipnet::IpNet;
 use policy_common::FIRST_ALLOCATED_IDENTITY;
 use serde::{Deserialize, Serialize};
 
-use crate::model::Labels;
+use crate::model::{Labels, ObjectRef};
 
 /// What an identity stands for.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -99,10 +99,18 @@ pub enum IdentityError {
 /// before new numbers, so the space stays dense.
 #[derive(Clone, Debug)]
 pub struct IdentityAllocator {
-    by_key: BTreeMap<IdentityKey, u32>,
+    /// Hashed: a lookup costs one hash and one comparison, not a dozen
+    /// comparisons of label sets.
+    by_key: HashMap<IdentityKey, u32>,
     by_id: BTreeMap<u32, IdentityKey>,
     free: BTreeSet<u32>,
     next: u32,
+    /// Counts changes of the assignments (to know when to save them).
+    changes: u64,
+    /// The number each pod had at the last compile: a hint the compiler
+    /// checks against the pod's current key before using it, so that it
+    /// need not build and hash every pod's key on every compile.
+    pods: HashMap<ObjectRef, u32>,
 }
 
 impl Default for IdentityAllocator {
@@ -115,10 +123,12 @@ impl IdentityAllocator {
     /// An allocator with nothing assigned.
     pub fn new() -> Self {
         Self {
-            by_key: BTreeMap::new(),
+            by_key: HashMap::new(),
             by_id: BTreeMap::new(),
             free: BTreeSet::new(),
             next: FIRST_ALLOCATED_IDENTITY,
+            changes: 0,
+            pods: HashMap::new(),
         }
     }
 
@@ -177,16 +187,17 @@ impl IdentityAllocator {
         };
         self.by_key.insert(key.clone(), id);
         self.by_id.insert(id, key.clone());
+        self.changes += 1;
         Ok(id)
     }
 
     /// Frees the number of every key not in `used`; returns the freed numbers.
     pub fn retain(&mut self, used: &BTreeSet<IdentityKey>) -> Vec<u32> {
         let unused: Vec<(IdentityKey, u32)> = self
-            .by_key
+            .by_id
             .iter()
-            .filter(|(k, _)| !used.contains(*k))
-            .map(|(k, id)| (k.clone(), *id))
+            .filter(|(_, k)| !used.contains(*k))
+            .map(|(id, k)| (k.clone(), *id))
             .collect();
         let mut freed = Vec::with_capacity(unused.len());
         for (key, id) in unused {
@@ -196,7 +207,58 @@ impl IdentityAllocator {
             freed.push(id);
         }
         freed.sort_unstable();
+        self.changes += freed.len() as u64;
         freed
+    }
+
+    /// Frees every number not in `used`; returns the freed numbers.
+    pub fn retain_ids(&mut self, used: &BTreeSet<u32>) -> Vec<u32> {
+        let unused: Vec<u32> = self
+            .by_id
+            .keys()
+            .filter(|id| !used.contains(*id))
+            .copied()
+            .collect();
+        for &id in &unused {
+            if let Some(key) = self.by_id.remove(&id) {
+                self.by_key.remove(&key);
+            }
+            self.free.insert(id);
+        }
+        self.changes += unused.len() as u64;
+        unused
+    }
+
+    /// The number `pod` had at the last compile (to be checked: see
+    /// [`IdentityAllocator::remember`]).
+    pub fn remembered(&self, pod: &ObjectRef) -> Option<u32> {
+        self.pods.get(pod).copied()
+    }
+
+    /// Remembers the number of `pod`'s key, as a hint for the next compile.
+    pub fn remember(&mut self, pod: &ObjectRef, id: u32) {
+        match self.pods.get_mut(pod) {
+            Some(slot) => *slot = id,
+            None => {
+                self.pods.insert(pod.clone(), id);
+            }
+        }
+    }
+
+    /// Forgets the hints of pods `keep` says are gone.
+    pub fn forget_pods(&mut self, keep: impl Fn(&ObjectRef) -> bool) {
+        self.pods.retain(|pod, _| keep(pod));
+    }
+
+    /// How many pods have a hint.
+    pub fn remembered_pods(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// How many times the assignments changed since this allocator was
+    /// made: equal counts mean equal assignments.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Every assignment, by number: what to save to keep numbers across

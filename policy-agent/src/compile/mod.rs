@@ -57,8 +57,10 @@ pub mod rules;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::rc::Rc;
 
 use policy_common::identity as reserved;
 use policy_common::{
@@ -70,10 +72,10 @@ pub use identity::{IdentityAllocator, IdentityError, IdentityKey};
 pub use rules::{RuleIds, RuleRef};
 
 use crate::model::{
-    ClusterState, Diagnostic, DiagnosticCode, Labels, ObjectKind, ObjectRef, Peer, Peers, Pod,
-    Policy, Protocol, Rule, Severity,
+    ClusterState, Diagnostic, DiagnosticCode, LabelSelector, Labels, ObjectKind, ObjectRef, Peer,
+    Peers, Pod, Policy, Protocol, Rule, Severity,
 };
-use peers::{Group, Prefixes, addr, collect_prefixes, peer_matches_group, prefix_key};
+use peers::{Group, Prefixes, addr, collect_prefixes, prefix_key};
 use ports::{Fit, PortTarget, ValueBuilder, port_targets};
 
 /// The interface of a pod on this node.
@@ -154,16 +156,78 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
         .collect();
     let prefix_set = collect_prefixes(state.policies().values().flat_map(ip_blocks));
 
-    let mut keys: BTreeSet<IdentityKey> = BTreeSet::new();
-    keys.extend(state.pods().values().filter(|p| is_peer(p)).map(pod_key));
-    keys.extend(local_pods.iter().filter_map(|(_, _, pod)| pod.map(pod_key)));
-    keys.extend(prefix_set.iter().copied().map(IdentityKey::Cidr));
+    // A pod's number from the last compile is used when its key is still
+    // the same (compared in place: no key built); other pods' keys are
+    // built and looked up once, and new keys numbered in key order
+    // (deterministic for a given allocator state).
+    let key_matches = |key: &IdentityKey, pod: &Pod| match key {
+        IdentityKey::Labels {
+            namespace,
+            pod: labels,
+            named_ports,
+        } => {
+            *labels == pod.labels
+                && namespace_labels.get(pod.namespace.as_str()) == Some(namespace)
+                && signature_matches(named_ports, pod)
+        }
+        IdentityKey::Cidr(_) => false,
+    };
+    let peer_refs: Vec<(&ObjectRef, &Pod)> =
+        state.pods().iter().filter(|(_, p)| is_peer(p)).collect();
+    let mut peer_numbers: Vec<Option<u32>> = Vec::with_capacity(peer_refs.len());
+    let mut built: Vec<(usize, IdentityKey)> = Vec::new();
+    for (i, (pod_ref, pod)) in peer_refs.iter().enumerate() {
+        let hint = ids
+            .remembered(pod_ref)
+            .filter(|id| ids.key(*id).is_some_and(|k| key_matches(k, pod)));
+        if hint.is_some() {
+            peer_numbers.push(hint);
+        } else {
+            let key = pod_key(pod);
+            peer_numbers.push(ids.get(&key));
+            built.push((i, key));
+        }
+    }
+    let local_keys: Vec<IdentityKey> = local_pods
+        .iter()
+        .filter_map(|(_, _, pod)| pod.map(pod_key))
+        .collect();
+    let cidr_keys: Vec<IdentityKey> = prefix_set.iter().copied().map(IdentityKey::Cidr).collect();
+    let missing: BTreeSet<&IdentityKey> = built
+        .iter()
+        .filter(|(i, _)| peer_numbers[*i].is_none())
+        .map(|(_, k)| k)
+        .chain(
+            local_keys
+                .iter()
+                .chain(&cidr_keys)
+                .filter(|k| ids.get(k).is_none()),
+        )
+        .collect();
     let mut exhausted = 0usize;
-    for key in &keys {
+    for key in missing {
         if ids.allocate(key).is_err() {
             exhausted += 1;
         }
     }
+    for (i, key) in &built {
+        if peer_numbers[*i].is_none() {
+            peer_numbers[*i] = ids.get(key);
+        }
+        if let Some(id) = peer_numbers[*i] {
+            ids.remember(peer_refs[*i].0, id);
+        }
+    }
+    if ids.remembered_pods() > peer_refs.len() + 1024 {
+        ids.forget_pods(|pod| state.pod(pod).is_some_and(is_peer));
+    }
+    let mut used: BTreeSet<u32> = peer_numbers.iter().flatten().copied().collect();
+    used.extend(
+        local_keys
+            .iter()
+            .chain(&cidr_keys)
+            .filter_map(|k| ids.get(k)),
+    );
     if exhausted > 0 {
         diagnostics.push(Diagnostic {
             object: ObjectKind::Pod,
@@ -179,23 +243,20 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
         });
     }
 
+    // The identity of every peer pod, in pod order.
+    let peer_ids: Vec<(&Pod, u32)> = peer_refs
+        .iter()
+        .zip(&peer_numbers)
+        .filter_map(|((_, pod), id)| id.map(|id| (*pod, id)))
+        .collect();
     let mut groups: BTreeMap<u32, Group<'_>> = BTreeMap::new();
-    for pod in state.pods().values().filter(|p| is_peer(p)) {
-        let key = pod_key(pod);
-        let Some(id) = ids.get(&key) else { continue };
-        let IdentityKey::Labels {
-            namespace: ns_labels,
-            ..
-        } = key
-        else {
-            continue;
-        };
+    for &(pod, id) in &peer_ids {
         groups
             .entry(id)
             .or_insert_with(|| Group {
                 id,
                 namespace: &pod.namespace,
-                namespace_labels: ns_labels,
+                namespace_labels: &namespace_labels[pod.namespace.as_str()],
                 pod_labels: &pod.labels,
                 pods: Vec::new(),
             })
@@ -230,24 +291,26 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
             },
         );
     }
-    let mut owners: BTreeMap<Addr, String> = BTreeMap::new();
+    // Who has each address (None: the node); named only for a diagnostic.
+    let mut owners: BTreeMap<Addr, Option<&Pod>> = BTreeMap::new();
     for ip in &node.node_ips {
         let a = addr(ip);
         out.peer_ips.entry(a).or_insert_with(|| {
-            owners.insert(a, "this node".to_owned());
+            owners.insert(a, None);
             PeerInfo {
                 identity: reserved::HOST,
                 cidr_identity: prefixes.longest_match(ip),
             }
         });
     }
-    for pod in state.pods().values().filter(|p| is_peer(p)) {
-        let Some(id) = ids.get(&pod_key(pod)) else {
-            continue;
-        };
+    for &(pod, id) in &peer_ids {
         for ip in &pod.ips {
             let a = addr(ip);
             if let Some(owner) = owners.get(&a) {
+                let owner = match owner {
+                    None => "this node".to_owned(),
+                    Some(p) => format!("pod {}/{}", p.namespace, p.name),
+                };
                 diagnostics.push(Diagnostic::pod(
                     &pod.namespace,
                     &pod.name,
@@ -259,7 +322,7 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
                 ));
                 continue;
             }
-            owners.insert(a, format!("pod {}/{}", pod.namespace, pod.name));
+            owners.insert(a, Some(pod));
             out.peer_ips.insert(
                 a,
                 PeerInfo {
@@ -272,13 +335,19 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
 
     // 3. Endpoints and policy entries.
     let rule_ids = RuleIds::assign(state.policies().values());
+    let mut by_namespace: BTreeMap<&str, Vec<&Group<'_>>> = BTreeMap::new();
+    for group in groups.values() {
+        by_namespace.entry(group.namespace).or_default().push(group);
+    }
     let ctx = Context {
         state,
         groups: &groups,
+        by_namespace: &by_namespace,
+        namespaces_matching: RefCell::new(HashMap::new()),
         prefixes: &prefixes,
     };
     let mut plans: BTreeMap<(ObjectRef, Direction, usize), RulePlan> = BTreeMap::new();
-    let mut values: BTreeMap<PolicyKey, ValueBuilder> = BTreeMap::new();
+    let mut grants: Vec<(PolicyKey, Grant)> = Vec::new();
     let mut endpoint_pods: BTreeMap<u32, ObjectRef> = BTreeMap::new();
     for (pod_ref, ep, pod) in local_pods {
         if out.endpoints.contains_key(&ep.ifindex) {
@@ -372,51 +441,67 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
                         .or_insert_with(|| {
                             ctx.plan(policy, direction, index, rule, &mut diagnostics)
                         });
-                    plan.emit(&mut values, ep.endpoint_id, direction, rule_id, pod);
+                    plan.emit(&mut grants, ep.endpoint_id, direction, rule_id, pod);
                 }
             }
         }
     }
 
-    for (key, builder) in values {
-        let (value, fit) = builder.build();
-        let owner = endpoint_pods
-            .get(&key.endpoint_id)
-            .cloned()
-            .unwrap_or_default();
-        let what = format!(
-            "{} to/from identity {} protocol {}",
-            Direction::try_from(key.direction).map_or("?", |d| d.as_str()),
-            key.identity,
-            key.protocol
-        );
-        match fit {
-            Fit::Exact => {}
-            Fit::Coalesced => diagnostics.push(Diagnostic::pod(
-                owner.namespace,
-                owner.name,
-                Severity::Info,
-                DiagnosticCode::PortRangesCoalesced,
-                format!("{what}: port ranges of several rules merged to fit; flows may name a neighbouring rule"),
-            )),
-            Fit::Overflow(left_out) => diagnostics.push(Diagnostic::pod(
-                owner.namespace,
-                owner.name,
-                Severity::Error,
-                DiagnosticCode::PortRangesOverflow,
-                format!(
-                    "{what}: more than {} port ranges; these allowed ranges are DENIED: {}",
-                    policy_common::MAX_PORT_RANGES,
-                    left_out.iter().map(|(f, l)| format!("{f}-{l}")).collect::<Vec<_>>().join(", ")
-                ),
-            )),
+    // Every grant of every rule, by key: sorted once, then each key's
+    // value built from its run.
+    grants.sort_unstable_by_key(|(key, _)| *key);
+    let mut policy: Vec<(PolicyKey, PolicyValue)> = Vec::new();
+    let mut builder = ValueBuilder::default();
+    for (i, (key, grant)) in grants.iter().enumerate() {
+        match *grant {
+            Grant::AnyPort(rule) => builder.allow_any(rule),
+            Grant::Range(first, last, rule) => builder.allow_range(first, last, rule),
         }
-        out.policy.insert(key, value);
+        if grants.get(i + 1).is_some_and(|(next, _)| next == key) {
+            continue;
+        }
+        let (value, fit) = std::mem::take(&mut builder).build();
+        if fit != Fit::Exact {
+            let owner = endpoint_pods
+                .get(&key.endpoint_id)
+                .cloned()
+                .unwrap_or_default();
+            let what = format!(
+                "{} to/from identity {} protocol {}",
+                Direction::try_from(key.direction).map_or("?", |d| d.as_str()),
+                key.identity,
+                key.protocol
+            );
+            match fit {
+                Fit::Exact => {}
+                Fit::Coalesced => diagnostics.push(Diagnostic::pod(
+                    owner.namespace,
+                    owner.name,
+                    Severity::Info,
+                    DiagnosticCode::PortRangesCoalesced,
+                    format!("{what}: port ranges of several rules merged to fit; flows may name a neighbouring rule"),
+                )),
+                Fit::Overflow(left_out) => diagnostics.push(Diagnostic::pod(
+                    owner.namespace,
+                    owner.name,
+                    Severity::Error,
+                    DiagnosticCode::PortRangesOverflow,
+                    format!(
+                        "{what}: more than {} port ranges; these allowed ranges are DENIED: {}",
+                        policy_common::MAX_PORT_RANGES,
+                        left_out.iter().map(|(f, l)| format!("{f}-{l}")).collect::<Vec<_>>().join(", ")
+                    ),
+                )),
+            }
+        }
+        policy.push((*key, value));
     }
+    // Sorted and unique: built in bulk.
+    out.policy = policy.into_iter().collect();
 
     mark_peer_kinds(&mut out, ids);
     out.rules = rule_ids.into_map();
-    ids.retain(&keys);
+    ids.retain_ids(&used);
     out.diagnostics = diagnostics;
     out
 }
@@ -446,6 +531,10 @@ fn ip_blocks(policy: &Policy) -> impl Iterator<Item = &crate::model::IpBlock> {
 struct Context<'s, 'g> {
     state: &'s ClusterState,
     groups: &'g BTreeMap<u32, Group<'s>>,
+    /// The groups of each namespace (that has pods).
+    by_namespace: &'g BTreeMap<&'s str, Vec<&'g Group<'s>>>,
+    /// Namespace selectors already evaluated: the namespaces they match.
+    namespaces_matching: RefCell<HashMap<&'g LabelSelector, Rc<Vec<&'s str>>>>,
     prefixes: &'g Prefixes,
 }
 
@@ -460,13 +549,64 @@ struct RulePlan {
     egress_named: BTreeMap<(Protocol, String), BTreeMap<u32, BTreeSet<u16>>>,
 }
 
-impl Context<'_, '_> {
+impl<'s, 'g> Context<'s, 'g> {
+    /// The namespaces (with pods) whose labels `selector` matches.
+    fn namespaces(&self, selector: &'g LabelSelector) -> Rc<Vec<&'s str>> {
+        if let Some(found) = self.namespaces_matching.borrow().get(selector) {
+            return found.clone();
+        }
+        let found: Rc<Vec<&'s str>> = Rc::new(
+            self.by_namespace
+                .iter()
+                .filter(|(_, groups)| {
+                    groups
+                        .first()
+                        .is_some_and(|g| selector.matches(g.namespace_labels))
+                })
+                .map(|(ns, _)| *ns)
+                .collect(),
+        );
+        self.namespaces_matching
+            .borrow_mut()
+            .insert(selector, found.clone());
+        found
+    }
+
+    /// The identities of the groups a selector peer of a policy in
+    /// `policy_namespace` matches (as [`peers::peer_matches_group`] decides, by
+    /// namespace first).
+    fn matching_groups(&self, peer: &'g Peer, policy_namespace: &str, out: &mut BTreeSet<u32>) {
+        let groups_of = |ns: &str| self.by_namespace.get(ns).into_iter().flatten();
+        match peer {
+            Peer::PodSelector(pods) => out.extend(
+                groups_of(policy_namespace)
+                    .filter(|g| pods.matches(g.pod_labels))
+                    .map(|g| g.id),
+            ),
+            Peer::NamespaceSelector(namespaces) => {
+                for ns in self.namespaces(namespaces).iter() {
+                    out.extend(groups_of(ns).map(|g| g.id));
+                }
+            }
+            Peer::PodAndNamespaceSelector { pod, namespace } => {
+                for ns in self.namespaces(namespace).iter() {
+                    out.extend(
+                        groups_of(ns)
+                            .filter(|g| pod.matches(g.pod_labels))
+                            .map(|g| g.id),
+                    );
+                }
+            }
+            Peer::IpBlock(_) => {}
+        }
+    }
+
     fn plan(
         &self,
         policy: &Policy,
         direction: Direction,
         index: usize,
-        rule: &Rule,
+        rule: &'g Rule,
         diagnostics: &mut Vec<Diagnostic>,
     ) -> RulePlan {
         let mut keys = BTreeSet::new();
@@ -478,12 +618,7 @@ impl Context<'_, '_> {
                 for peer in list {
                     match peer {
                         Peer::IpBlock(block) => keys.extend(self.prefixes.in_block(block)),
-                        _ => keys.extend(
-                            self.groups
-                                .values()
-                                .filter(|g| peer_matches_group(peer, &policy.namespace, g))
-                                .map(|g| g.id),
-                        ),
+                        _ => self.matching_groups(peer, &policy.namespace, &mut keys),
                     }
                 }
             }
@@ -508,8 +643,7 @@ impl Context<'_, '_> {
                 Direction::Ingress => {
                     let found = self
                         .state
-                        .pods()
-                        .values()
+                        .pods_in(&policy.namespace)
                         .filter(|p| policy.selects(p))
                         .any(|p| p.resolve_named_port(name, *protocol).next().is_some());
                     if !found {
@@ -573,6 +707,15 @@ impl Context<'_, '_> {
         let mut found = false;
         let mut inexact = Vec::new();
         for group in self.groups.values() {
+            // Named ports are part of the identity: all pods of a group
+            // have the same, and a group without this one adds nothing.
+            if group
+                .pods
+                .first()
+                .is_none_or(|p| p.resolve_named_port(name, protocol).next().is_none())
+            {
+                continue;
+            }
             let mut common: Option<BTreeSet<u16>> = None;
             let mut any = BTreeSet::new();
             for pod in &group.pods {
@@ -608,11 +751,20 @@ impl Context<'_, '_> {
     }
 }
 
+/// What one rule gives one policy key.
+#[derive(Clone, Copy, Debug)]
+enum Grant {
+    /// Every port, by this rule.
+    AnyPort(u32),
+    /// Ports first..=last, by this rule.
+    Range(u16, u16, u32),
+}
+
 impl RulePlan {
     /// Adds this rule's entries for one endpoint.
     fn emit(
         &self,
-        values: &mut BTreeMap<PolicyKey, ValueBuilder>,
+        grants: &mut Vec<(PolicyKey, Grant)>,
         endpoint_id: u32,
         direction: Direction,
         rule_id: u32,
@@ -621,11 +773,11 @@ impl RulePlan {
         let d = direction as u8;
         let key = |peer: u32, protocol: u8| PolicyKey::new(endpoint_id, peer, d, protocol);
         let mut add = |peer: u32, protocol: u8, port: Option<(u16, u16)>| {
-            let builder = values.entry(key(peer, protocol)).or_default();
-            match port {
-                None => builder.allow_any(rule_id),
-                Some((first, last)) => builder.allow_range(first, last, rule_id),
-            }
+            let grant = match port {
+                None => Grant::AnyPort(rule_id),
+                Some((first, last)) => Grant::Range(first, last, rule_id),
+            };
+            grants.push((key(peer, protocol), grant));
         };
         for target in &self.targets {
             match target {
@@ -687,6 +839,24 @@ fn mark_peer_kinds(out: &mut Desired, ids: &IdentityAllocator) {
     for info in out.endpoints.values_mut() {
         info.flags |= flags.get(&info.endpoint_id).copied().unwrap_or(0);
     }
+}
+
+/// Whether `signature` (sorted, without duplicates) is the set of `pod`'s
+/// named ports, compared without building it.
+fn signature_matches(signature: &[(String, u8, u16)], pod: &Pod) -> bool {
+    let in_signature = |name: &str, protocol: u8, port: u16| {
+        signature
+            .binary_search_by(|(n, pr, po)| (n.as_str(), *pr, *po).cmp(&(name, protocol, port)))
+            .is_ok()
+    };
+    pod.named_ports
+        .iter()
+        .all(|p| in_signature(&p.name, p.protocol.number(), p.port))
+        && signature.iter().all(|(name, protocol, port)| {
+            pod.named_ports
+                .iter()
+                .any(|p| p.name == *name && p.protocol.number() == *protocol && p.port == *port)
+        })
 }
 
 /// A pod's named container ports, as its identity key holds them.

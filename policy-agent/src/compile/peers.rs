@@ -26,7 +26,7 @@ pub struct Group<'a> {
     /// The pods' namespace.
     pub namespace: &'a str,
     /// The namespace's labels (with `kubernetes.io/metadata.name`).
-    pub namespace_labels: Labels,
+    pub namespace_labels: &'a Labels,
     /// The pods' labels.
     pub pod_labels: &'a Labels,
     /// The pods, in (namespace, name) order.
@@ -40,9 +40,9 @@ pub fn peer_matches_group(peer: &Peer, policy_namespace: &str, group: &Group<'_>
         Peer::PodSelector(pods) => {
             group.namespace == policy_namespace && pods.matches(group.pod_labels)
         }
-        Peer::NamespaceSelector(namespaces) => namespaces.matches(&group.namespace_labels),
+        Peer::NamespaceSelector(namespaces) => namespaces.matches(group.namespace_labels),
         Peer::PodAndNamespaceSelector { pod, namespace } => {
-            namespace.matches(&group.namespace_labels) && pod.matches(group.pod_labels)
+            namespace.matches(group.namespace_labels) && pod.matches(group.pod_labels)
         }
         Peer::IpBlock(_) => false,
     }
@@ -68,25 +68,27 @@ pub fn peers_match_pod_address(
 #[derive(Clone, Debug, Default)]
 pub struct Prefixes {
     ids: BTreeMap<IpNet, u32>,
-    max_v4_len: u8,
-    max_v6_len: u8,
+    /// The prefix lengths present, longest first, per family.
+    v4_lens: Vec<u8>,
+    v6_lens: Vec<u8>,
 }
 
 impl Prefixes {
     /// The set from prefixes and their identities (prefixes are masked).
     pub fn new(ids: BTreeMap<IpNet, u32>) -> Self {
-        let max = |v4: bool| {
-            ids.keys()
+        let lens = |v4: bool| {
+            let set: BTreeSet<u8> = ids
+                .keys()
                 .filter(|n| matches!(n, IpNet::V4(_)) == v4)
                 .map(IpNet::prefix_len)
-                .max()
-                .unwrap_or(0)
+                .collect();
+            set.into_iter().rev().collect::<Vec<u8>>()
         };
-        let (max_v4_len, max_v6_len) = (max(true), max(false));
+        let (v4_lens, v6_lens) = (lens(true), lens(false));
         Self {
             ids,
-            max_v4_len,
-            max_v6_len,
+            v4_lens,
+            v6_lens,
         }
     }
 
@@ -98,13 +100,12 @@ impl Prefixes {
     /// The CIDR identity of the longest prefix containing `ip` (same address
     /// family only), or [`identity::ANY`] when none does.
     pub fn longest_match(&self, ip: &IpAddr) -> u32 {
-        let max = match ip {
-            IpAddr::V4(_) => self.max_v4_len,
-            IpAddr::V6(_) => self.max_v6_len,
+        let lens = match ip {
+            IpAddr::V4(_) => &self.v4_lens,
+            IpAddr::V6(_) => &self.v6_lens,
         };
-        (0..=max)
-            .rev()
-            .filter_map(|len| IpNet::new(*ip, len).ok())
+        lens.iter()
+            .filter_map(|len| IpNet::new(*ip, *len).ok())
             .find_map(|net| self.ids.get(&net.trunc()).copied())
             .unwrap_or(identity::ANY)
     }

@@ -116,6 +116,11 @@ impl ValueBuilder {
             value.any_port_rule = rule;
             return (value, Fit::Exact);
         }
+        if let [only] = self.ranges[..] {
+            // The common case: one range, nothing to merge.
+            fill(&mut value, &[only]);
+            return (value, Fit::Exact);
+        }
         self.ranges.sort_by_key(|r| (r.rule_id, r.first, r.last));
         let by_rule = first_match_ranges(&self.ranges);
         if by_rule.len() <= MAX_PORT_RANGES {

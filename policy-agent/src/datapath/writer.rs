@@ -56,15 +56,6 @@ impl Contents {
             && self.peer_cidrs == desired.peer_cidrs
             && self.policy == desired.policy
     }
-
-    fn of(desired: &Desired) -> Self {
-        Contents {
-            endpoints: desired.endpoints.clone(),
-            peer_ips: desired.peer_ips.clone(),
-            peer_cidrs: desired.peer_cidrs.clone(),
-            policy: desired.policy.clone(),
-        }
-    }
 }
 
 /// Writes desired contents into the classifier's maps, remembering what each
@@ -74,6 +65,9 @@ impl Contents {
 #[derive(Debug, Default)]
 pub struct MapWriter {
     known: [Option<Contents>; 2],
+    /// The generation [`MapWriter::apply_deferred`] left behind, to bring up
+    /// to date with [`MapWriter::catch_up`].
+    lagging: Option<u32>,
 }
 
 /// Applies `desired` with a writer that knows nothing yet (reads the maps).
@@ -86,18 +80,61 @@ impl MapWriter {
         Self::default()
     }
 
-    /// Brings the classifier to `desired`.
+    /// Brings the classifier to `desired`, and the generation it no longer
+    /// reads too.
     pub fn apply(
         &mut self,
         dp: &mut Datapath,
         desired: &Desired,
     ) -> Result<SyncStats, DatapathError> {
+        let stats = self.apply_deferred(dp, desired)?;
+        self.catch_up(dp, desired)?;
+        Ok(stats)
+    }
+
+    /// Brings the classifier to `desired` (stage, switch, epochs) and
+    /// leaves the generation it no longer reads for [`MapWriter::catch_up`]:
+    /// a change is enforced after writing its difference once, not twice.
+    /// A later apply is correct whether or not the catch-up ran (staging
+    /// writes whatever that generation lacks).
+    pub fn apply_deferred(
+        &mut self,
+        dp: &mut Datapath,
+        desired: &Desired,
+    ) -> Result<SyncStats, DatapathError> {
         let staged = self.stage(dp, desired)?;
-        if staged.written == 0 && staged.removed == 0 && staged.before.holds(desired) {
+        let active_holds = || {
+            self.known[staged.active as usize]
+                .as_ref()
+                .is_some_and(|c| c.holds(desired))
+        };
+        if staged.written == 0 && staged.removed == 0 && active_holds() {
             // Both generations already hold it: nothing to switch or re-judge.
             return Ok(SyncStats::default());
         }
-        self.commit(dp, desired, staged)
+        let active = staged.active;
+        let stats = self.switch(dp, desired, staged)?;
+        self.lagging = Some(active);
+        Ok(stats)
+    }
+
+    /// Whether a generation waits for [`MapWriter::catch_up`].
+    pub fn lagging(&self) -> bool {
+        self.lagging.is_some()
+    }
+
+    /// Brings the generation the last [`MapWriter::apply_deferred`] left
+    /// behind up to `desired` (what that apply enforced). Returns the
+    /// entries written and removed.
+    pub fn catch_up(
+        &mut self,
+        dp: &mut Datapath,
+        desired: &Desired,
+    ) -> Result<(usize, usize), DatapathError> {
+        match self.lagging.take() {
+            Some(generation) => self.sync(dp, generation, desired),
+            None => Ok((0, 0)),
+        }
     }
 
     /// Writes `desired` into the generation the classifier does not read.
@@ -105,12 +142,15 @@ impl MapWriter {
     pub fn stage(&mut self, dp: &mut Datapath, desired: &Desired) -> Result<Staged, DatapathError> {
         let active = dp.active_generation()?;
         let next = 1 - active;
-        let before = self.contents(dp, active)?.clone();
+        // What the classifier reads: known from here to the commit.
+        self.contents(dp, active)?;
         let (written, removed) = self.sync(dp, next, desired)?;
+        if self.lagging == Some(next) {
+            self.lagging = None;
+        }
         Ok(Staged {
             active,
             next,
-            before,
             written,
             removed,
         })
@@ -124,15 +164,30 @@ impl MapWriter {
         desired: &Desired,
         staged: Staged,
     ) -> Result<SyncStats, DatapathError> {
+        let active = staged.active;
+        let stats = self.switch(dp, desired, staged)?;
+        self.sync(dp, active, desired)?;
+        Ok(stats)
+    }
+
+    /// Switches the classifier to the staged generation and re-judges what
+    /// may have changed.
+    fn switch(
+        &mut self,
+        dp: &mut Datapath,
+        desired: &Desired,
+        staged: Staged,
+    ) -> Result<SyncStats, DatapathError> {
         let Staged {
             active,
             next,
-            before,
             written,
             removed,
         } = staged;
+        let before = self.contents(dp, active)?;
         let old_ids: BTreeSet<u32> = before.endpoints.values().map(|e| e.endpoint_id).collect();
         let new_ids: BTreeSet<u32> = desired.endpoints.values().map(|e| e.endpoint_id).collect();
+        let touched = touched(before, desired);
         {
             // An endpoint has an epoch before the classifier can find it.
             let mut epochs = dp.epochs()?;
@@ -151,7 +206,7 @@ impl MapWriter {
         };
         {
             let mut epochs = dp.epochs()?;
-            for id in touched(&before, desired) {
+            for id in touched {
                 let epoch = epochs.get(&id, 0).map_err(map_err(names::EPOCHS))?;
                 // Wrap past 0, which means "gone".
                 let next_epoch = epoch.wrapping_add(1).max(1);
@@ -165,7 +220,6 @@ impl MapWriter {
                 epochs.set(*id, 0, 0).map_err(map_err(names::EPOCHS))?;
             }
         }
-        self.sync(dp, active, desired)?;
         Ok(stats)
     }
 
@@ -186,11 +240,12 @@ impl MapWriter {
         generation: u32,
         desired: &Desired,
     ) -> Result<(usize, usize), DatapathError> {
-        let current = self.contents(dp, generation)?.clone();
-        // Unknown until the writes below all succeed.
-        self.known[generation as usize] = None;
-        let counts = write_difference(dp, generation, &current, desired)?;
-        self.known[generation as usize] = Some(Contents::of(desired));
+        self.contents(dp, generation)?;
+        // Unknown until the writes below all succeed; brought up to date in
+        // place as they do.
+        let mut current = self.known[generation as usize].take().expect("read above");
+        let counts = write_difference(dp, generation, &mut current, desired)?;
+        self.known[generation as usize] = Some(current);
         Ok(counts)
     }
 }
@@ -200,7 +255,6 @@ impl MapWriter {
 pub struct Staged {
     active: u32,
     next: u32,
-    before: Contents,
     written: usize,
     removed: usize,
 }
@@ -226,21 +280,44 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
-/// The entries of `desired` to write and the keys of `current` to remove.
+/// The entries of `desired` to write and the keys of `current` to remove
+/// (one pass over both, in key order).
 fn diff<K: Ord + Clone, V: PartialEq + Clone>(
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
 ) -> (Vec<(K, V)>, Vec<K>) {
-    let writes = desired
-        .iter()
-        .filter(|(k, v)| current.get(*k) != Some(*v))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let removes = current
-        .keys()
-        .filter(|k| !desired.contains_key(*k))
-        .cloned()
-        .collect();
+    use std::cmp::Ordering;
+    let mut writes = Vec::new();
+    let mut removes = Vec::new();
+    let mut c = current.iter().peekable();
+    let mut d = desired.iter().peekable();
+    loop {
+        let order = match (c.peek(), d.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((ck, _)), Some((dk, _))) => ck.cmp(dk),
+        };
+        match order {
+            Ordering::Less => {
+                if let Some((k, _)) = c.next() {
+                    removes.push(k.clone());
+                }
+            }
+            Ordering::Greater => {
+                if let Some((k, v)) = d.next() {
+                    writes.push((k.clone(), v.clone()));
+                }
+            }
+            Ordering::Equal => {
+                if let (Some((_, cv)), Some((k, dv))) = (c.next(), d.next())
+                    && cv != dv
+                {
+                    writes.push((k.clone(), dv.clone()));
+                }
+            }
+        }
+    }
     (writes, removes)
 }
 
@@ -251,10 +328,12 @@ fn cidr_trie_key(generation: u32, prefix_len: u32, addr: Addr) -> Key<PeerCidrDa
     )
 }
 
+/// Writes what differs between `current` (what generation `generation`
+/// holds) and `desired`, updating `current` map by map as writes succeed.
 fn write_difference(
     dp: &mut Datapath,
     generation: u32,
-    current: &Contents,
+    current: &mut Contents,
     desired: &Desired,
 ) -> Result<(usize, usize), DatapathError> {
     let (policy_writes, policy_removes) = diff(&current.policy, &desired.policy);
@@ -279,6 +358,7 @@ fn write_difference(
                 .map_err(map_err(names::POLICY))?;
         }
     }
+    update(&mut current.policy, &policy_writes, &policy_removes);
     {
         let mut cidrs = dp.peer_cidrs()?;
         for ((len, addr), v) in &cidr_writes {
@@ -292,6 +372,7 @@ fn write_difference(
                 .map_err(map_err(names::PEER_CIDRS))?;
         }
     }
+    update(&mut current.peer_cidrs, &cidr_writes, &cidr_removes);
     {
         let mut peers = dp.peer_ips()?;
         for (addr, v) in &peer_writes {
@@ -315,6 +396,7 @@ fn write_difference(
                 .map_err(map_err(names::PEER_IPS))?;
         }
     }
+    update(&mut current.peer_ips, &peer_writes, &peer_removes);
     {
         let mut endpoints = dp.endpoints()?;
         for (ifindex, e) in &endpoint_writes {
@@ -334,11 +416,22 @@ fn write_difference(
             endpoints.remove(&key).map_err(map_err(names::ENDPOINTS))?;
         }
     }
+    update(&mut current.endpoints, &endpoint_writes, &endpoint_removes);
     let written =
         policy_writes.len() + peer_writes.len() + cidr_writes.len() + endpoint_writes.len();
     let removed =
         policy_removes.len() + peer_removes.len() + cidr_removes.len() + endpoint_removes.len();
     Ok((written, removed))
+}
+
+/// Applies written entries and removed keys to a known map.
+fn update<K: Ord + Clone, V: Clone>(map: &mut BTreeMap<K, V>, writes: &[(K, V)], removes: &[K]) {
+    for (k, v) in writes {
+        map.insert(k.clone(), v.clone());
+    }
+    for k in removes {
+        map.remove(k);
+    }
 }
 
 /// Reads what generation `generation` of the verdict maps holds.

@@ -147,6 +147,15 @@ impl ClusterState {
         self.pods.get(key)
     }
 
+    /// The pods of one namespace.
+    pub fn pods_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        let start = ObjectRef::new(namespace, "");
+        self.pods
+            .range(start..)
+            .take_while(move |(k, _)| k.namespace == namespace)
+            .map(|(_, p)| p)
+    }
+
     /// The policies of one namespace.
     pub fn policies_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Policy> + 'a {
         let start = ObjectRef::new(namespace, "");

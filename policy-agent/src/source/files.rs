@@ -13,11 +13,22 @@
 //!   breaking a file never opens what it enforced. The other files load.
 //! * On start the source sends [`SourceUpdate::NodeAddresses`] (the
 //!   `--node-ip` flags) and one [`SourceUpdate::Replace`] per kind. Then it
-//!   polls the directory every [`POLL_INTERVAL`], comparing contents (not
-//!   only mtimes, so no change is missed), and sends a `Replace` for each
-//!   kind whose objects changed once the directory has been stable for one
-//!   poll (a burst of writes becomes one update; after [`MAX_SETTLE`] of
-//!   continuous change it loads anyway).
+//!   follows the directory with **inotify**: a manifest is read when it has
+//!   been closed after writing (`IN_CLOSE_WRITE`) or renamed into place
+//!   (`IN_MOVED_TO`: the write-to-temporary-then-rename of editors and
+//!   `kubectl`-like writers; the hidden temporary file itself is ignored),
+//!   and forgotten when removed or renamed away; never on `IN_MODIFY`, so a
+//!   file is not read half-written. Events are batched until [`QUIET`]
+//!   passes without one (at most [`MAX_SETTLE`]); only the files named are
+//!   read. A `..data` swap (ConfigMap volume), a queue overflow or the
+//!   directory itself moving makes it scan the whole directory.
+//! * Only what changed is sent: an [`SourceUpdate::Apply`] per object that
+//!   is new or different, a [`SourceUpdate::Delete`] per object gone.
+//! * The safety net: every [`RESCAN_INTERVAL`] the whole directory is
+//!   compared with what was loaded (by contents, so no change is missed
+//!   whatever the mtime granularity); a difference is loaded once a second
+//!   scan [`POLL_INTERVAL`] later sees the same. Without inotify (no
+//!   instance left), that scan runs every [`POLL_INTERVAL`].
 //! * [`FilesHandle::rescan`] makes it scan now and returns once the updates
 //!   are sent (the API's `Sync`).
 //!
@@ -27,21 +38,31 @@
 //! [`load_dir`] reads a directory once with the same loader (`policy-agent
 //! explain --dir`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
+use inotify::{EventMask, Inotify, WatchMask};
 use k8s_openapi::api::{core::v1 as core, networking::v1 as net};
 use serde::Deserialize as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::{Object, Objects, SourceUpdate};
-use crate::model::Severity;
+use super::{Kind, Object, Objects, SourceUpdate};
+use crate::model::{ObjectRef, Severity};
 
-/// How often the directory is compared with what was loaded.
+/// How often the directory is scanned when inotify is not available, and
+/// how soon a scan that found a change looks again before loading it.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the whole directory is compared with what was loaded while
+/// inotify watches it: the safety net for a lost event.
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(60);
+/// Quiet time after an event before the changed files are read: a burst of
+/// writes (`kubectl apply` of several files) becomes one batch.
+pub const QUIET: Duration = Duration::from_millis(2);
 /// Longest a continuously changing directory delays loading.
 pub const MAX_SETTLE: Duration = Duration::from_secs(1);
 /// The namespace of namespaced objects that name none.
@@ -109,17 +130,18 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, FilesError> {
     })?;
     let mut loader = Loader::default();
     loader.load(files);
-    let Aggregate {
-        namespaces,
-        pods,
-        policies,
-    } = loader.aggregate();
-    Ok(Loaded {
-        namespaces,
-        pods,
-        policies,
-        problems: loader.problems(),
-    })
+    let mut loaded = Loaded::default();
+    // A first load replaces every kind.
+    for update in loader.updates() {
+        match update {
+            SourceUpdate::Replace(Objects::Namespaces(o)) => loaded.namespaces = o,
+            SourceUpdate::Replace(Objects::Pods(o)) => loaded.pods = o,
+            SourceUpdate::Replace(Objects::NetworkPolicies(o)) => loaded.policies = o,
+            _ => {}
+        }
+    }
+    loaded.problems = loader.problems();
+    Ok(loaded)
 }
 
 /// The source; [`FilesSource::run`] drives it.
@@ -129,6 +151,87 @@ pub struct FilesSource {
     rescan: mpsc::Receiver<oneshot::Sender<()>>,
     problems: watch::Sender<Vec<FileProblem>>,
     loader: Loader,
+}
+
+/// What a batch of inotify events asks for.
+#[derive(Debug, Default)]
+struct Dirty {
+    /// Manifests written (closed after writing), renamed in or out, removed.
+    paths: BTreeSet<PathBuf>,
+    /// Something only a full scan can sort out: a `..data` swap (ConfigMap
+    /// volumes), the directory itself moved or removed, a queue overflow.
+    full: bool,
+    /// The watch is gone (the directory moved or removed): watch afresh.
+    rewatch: bool,
+}
+
+impl Dirty {
+    fn is_empty(&self) -> bool {
+        self.paths.is_empty() && !self.full
+    }
+}
+
+/// Watches the directory with inotify.
+struct Watcher {
+    events: inotify::EventStream<Vec<u8>>,
+}
+
+impl Watcher {
+    /// Events that tell a manifest is complete or gone. `IN_MODIFY` is left
+    /// out on purpose: a file being written is read once it is closed (or
+    /// renamed into place), never half-way.
+    fn mask() -> WatchMask {
+        WatchMask::CLOSE_WRITE
+            | WatchMask::MOVED_TO
+            | WatchMask::MOVED_FROM
+            | WatchMask::DELETE
+            | WatchMask::CREATE
+            | WatchMask::DELETE_SELF
+            | WatchMask::MOVE_SELF
+            | WatchMask::ONLYDIR
+    }
+
+    fn new(dir: &Path) -> std::io::Result<Self> {
+        let inotify = Inotify::init()?;
+        inotify.watches().add(dir, Self::mask())?;
+        Ok(Self {
+            events: inotify.into_event_stream(vec![0u8; 64 * 1024])?,
+        })
+    }
+
+    /// Sorts one event into `dirty`.
+    fn note(dir: &Path, event: &inotify::Event<std::ffi::OsString>, dirty: &mut Dirty) {
+        if event
+            .mask
+            .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED)
+        {
+            dirty.full = true;
+            dirty.rewatch = true;
+            return;
+        }
+        if event.mask.contains(EventMask::Q_OVERFLOW) {
+            dirty.full = true;
+            return;
+        }
+        let Some(name) = &event.name else {
+            dirty.full = true;
+            return;
+        };
+        let path = dir.join(name);
+        if is_manifest(&path) {
+            // A regular file is complete at CLOSE_WRITE; its CREATE says
+            // nothing yet. A symlink (or a file linked in) has no CLOSE_WRITE.
+            let created = event.mask.contains(EventMask::CREATE);
+            if !created || std::fs::symlink_metadata(&path).is_ok_and(|m| !m.file_type().is_file())
+            {
+                dirty.paths.insert(path);
+            }
+        } else if name.to_string_lossy().starts_with("..") {
+            // The atomic swap of a ConfigMap volume: `..data` now points to
+            // a new directory the manifests' symlinks resolve through.
+            dirty.full = true;
+        }
+    }
 }
 
 impl FilesSource {
@@ -154,6 +257,15 @@ impl FilesSource {
     /// Sends the initial state, then follows the directory until the
     /// receiver is gone. Fails only if the directory cannot be read at start.
     pub async fn run(mut self, tx: mpsc::Sender<SourceUpdate>) -> Result<(), FilesError> {
+        // Watch first, then read: nothing written in between is missed.
+        let mut watcher = match Watcher::new(&self.dir) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e,
+                    "files source: cannot watch the directory with inotify; polling every {POLL_INTERVAL:?}");
+                None
+            }
+        };
         let first = read_dir(&self.dir).map_err(|source| FilesError::Dir {
             path: self.dir.clone(),
             source,
@@ -166,23 +278,90 @@ impl FilesSource {
         {
             return Ok(());
         }
-        let mut loaded = Snapshot::Files(first.clone());
         if !self.load_and_send(first, &tx).await {
             return Ok(());
         }
 
-        let mut ticker = tokio::time::interval(POLL_INTERVAL);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The safety net: a full scan now and then (every poll without
+        // inotify), loaded once two scans agree.
+        let every = if watcher.is_some() {
+            RESCAN_INTERVAL
+        } else {
+            POLL_INTERVAL
+        };
+        let mut next_scan = Instant::now() + every;
         let mut pending: Option<(Snapshot, Instant)> = None;
+        let mut dirty = Dirty::default();
+        let mut dirty_since: Option<Instant> = None;
         let mut rescans_open = true;
         loop {
+            // Events are read as they come; the batch is loaded after
+            // QUIET without events (at most MAX_SETTLE after the first).
+            let load_at = dirty_since.map(|first| (Instant::now() + QUIET).min(first + MAX_SETTLE));
+            let scan_at = match &pending {
+                Some(_) => (Instant::now() + POLL_INTERVAL).min(next_scan),
+                None => next_scan,
+            };
             tokio::select! {
-                _ = ticker.tick() => {
+                event = async {
+                    match &mut watcher {
+                        Some(w) => w.events.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => match event {
+                    Some(Ok(event)) => {
+                        Watcher::note(&self.dir, &event, &mut dirty);
+                        if !dirty.is_empty() && dirty_since.is_none() {
+                            dirty_since = Some(Instant::now());
+                        }
+                        if dirty.rewatch {
+                            dirty.rewatch = false;
+                            match Watcher::new(&self.dir) {
+                                Ok(w) => watcher = Some(w),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "files source: cannot watch the directory again; polling every {POLL_INTERVAL:?}");
+                                    watcher = None;
+                                    next_scan = Instant::now();
+                                }
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "files source: reading inotify events; scanning instead");
+                        dirty.full = true;
+                        dirty_since.get_or_insert_with(Instant::now);
+                    }
+                    None => {
+                        tracing::warn!("files source: inotify stream ended; polling every {POLL_INTERVAL:?}");
+                        watcher = None;
+                        next_scan = Instant::now();
+                    }
+                },
+                () = sleep_until(load_at), if load_at.is_some() => {
+                    let batch = std::mem::take(&mut dirty);
+                    dirty_since = None;
+                    let ok = if batch.full {
+                        let seen = self.snapshot();
+                        self.load_snapshot(seen, &tx).await
+                    } else {
+                        self.load_paths(batch.paths, &tx).await
+                    };
+                    if !ok {
+                        return Ok(());
+                    }
+                }
+                () = tokio::time::sleep_until(scan_at) => {
+                    if pending.is_none() {
+                        next_scan = Instant::now() + if watcher.is_some() { RESCAN_INTERVAL } else { POLL_INTERVAL };
+                    }
                     let seen = self.snapshot();
-                    if seen == loaded {
+                    if self.loader.holds(&seen) {
                         pending = None;
                         continue;
                     }
+                    // Changed without an event (or before it): load once a
+                    // second scan sees the same, so a file being written in
+                    // place is never loaded half-way.
                     let settled = match &pending {
                         Some((p, since)) => *p == seen || since.elapsed() >= MAX_SETTLE,
                         None => false,
@@ -193,20 +372,23 @@ impl FilesSource {
                         continue;
                     }
                     pending = None;
-                    loaded = seen.clone();
+                    if watcher.is_some() {
+                        tracing::info!("files source: the periodic scan found changes no event announced");
+                    }
                     if !self.load_snapshot(seen, &tx).await {
                         return Ok(());
                     }
                 }
                 request = self.rescan.recv(), if rescans_open => {
                     let Some(reply) = request else {
-                        // Every handle is gone: polling goes on.
+                        // Every handle is gone: watching goes on.
                         rescans_open = false;
                         continue;
                     };
                     let seen = self.snapshot();
                     pending = None;
-                    loaded = seen.clone();
+                    dirty = Dirty::default();
+                    dirty_since = None;
                     if !self.load_snapshot(seen, &tx).await {
                         return Ok(());
                     }
@@ -244,6 +426,20 @@ impl FilesSource {
         }
     }
 
+    /// Reads and loads only `paths` (written, renamed or removed).
+    async fn load_paths(
+        &mut self,
+        paths: BTreeSet<PathBuf>,
+        tx: &mpsc::Sender<SourceUpdate>,
+    ) -> bool {
+        let changes = paths.into_iter().map(|path| {
+            let bytes = read_manifest(&path);
+            (path, bytes)
+        });
+        self.loader.apply_changes(changes.collect());
+        self.send_updates(tx).await
+    }
+
     async fn load_and_send(
         &mut self,
         files: BTreeMap<PathBuf, Vec<u8>>,
@@ -251,6 +447,10 @@ impl FilesSource {
     ) -> bool {
         self.loader.dir_problem = None;
         self.loader.load(files);
+        self.send_updates(tx).await
+    }
+
+    async fn send_updates(&mut self, tx: &mpsc::Sender<SourceUpdate>) -> bool {
         let updates = self.loader.updates();
         self.publish_problems();
         for update in updates {
@@ -271,6 +471,13 @@ impl FilesSource {
                 true
             }
         });
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -299,25 +506,31 @@ fn read_dir(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Vec<u8>>> {
     let mut files = BTreeMap::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        if !is_manifest(&path) || !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+        if !is_manifest(&path) {
             continue;
         }
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                files.insert(path, bytes);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                // Recorded as unreadable contents: the loader reports it.
-                files.insert(path, format!("\0unreadable: {e}").into_bytes());
-            }
+        if let Some(bytes) = read_manifest(&path) {
+            files.insert(path, bytes);
         }
     }
     Ok(files)
 }
 
+/// One manifest's contents; `None` when it is gone (or not a regular file).
+/// Contents that cannot be read are recorded as such: the loader reports them.
+fn read_manifest(path: &Path) -> Option<Vec<u8>> {
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    match std::fs::read(path) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(format!("\0unreadable: {e}").into_bytes()),
+    }
+}
+
 /// (kind, namespace, name) of an object, to find duplicates.
-fn object_key(object: &Object) -> (&'static str, String, String) {
+fn object_key(object: &Object) -> ObjectKey {
     let (kind, meta) = match object {
         Object::Namespace(o) => ("Namespace", &o.metadata),
         Object::Pod(o) => ("Pod", &o.metadata),
@@ -330,51 +543,110 @@ fn object_key(object: &Object) -> (&'static str, String, String) {
     )
 }
 
-/// One file's state.
+/// One file's state. Only bytes and object keys are kept: the objects are
+/// parsed again when a change needs them (10,000 pods as API objects would
+/// be most of the agent's memory).
 #[derive(Debug, Default)]
 struct FileState {
-    bytes: Vec<u8>,
-    /// The objects of the last version that loaded.
-    good: Option<Vec<Object>>,
+    /// The contents last seen.
+    bytes: Arc<[u8]>,
+    /// The last version that loaded.
+    good: Option<Good>,
     problems: Vec<FileProblem>,
 }
 
-/// Every object by kind, in file order.
-#[derive(Clone, Debug, Default, PartialEq)]
-struct Aggregate {
-    namespaces: Vec<core::Namespace>,
-    pods: Vec<core::Pod>,
-    policies: Vec<net::NetworkPolicy>,
+/// A version of a file that loaded.
+#[derive(Clone, Debug)]
+struct Good {
+    bytes: Arc<[u8]>,
+    keys: Vec<ObjectKey>,
 }
 
-/// Turns directory snapshots into per-kind updates (no I/O: testable).
+impl Good {
+    /// Its objects, parsed again (it parsed before, so it parses now).
+    fn objects(&self, path: &Path) -> Vec<Object> {
+        parse_file(path, &self.bytes).map_or_else(|_| Vec::new(), |(objects, _)| objects)
+    }
+}
+
+/// (kind, namespace, name).
+type ObjectKey = (&'static str, String, String);
+
+/// Turns directory contents into updates (no I/O: testable): the first
+/// time one `Replace` per kind, then an `Apply` for each object that
+/// changed and a `Delete` for each one gone, looking only at the files that
+/// changed.
 #[derive(Debug, Default)]
 struct Loader {
     files: BTreeMap<PathBuf, FileState>,
-    /// What was sent last (None before the first send).
-    sent: Option<Aggregate>,
+    /// Whether the first `Replace`s went out.
+    sent: bool,
+    /// The files holding each object, in path order, once per copy: the
+    /// last one's copy is the object (later files win).
+    index: BTreeMap<ObjectKey, Vec<PathBuf>>,
+    /// Files whose objects changed since the last [`Loader::updates`], with
+    /// the version that loaded before.
+    touched: BTreeMap<PathBuf, Option<Good>>,
+    /// The objects of the files parsed since the last [`Loader::updates`].
+    fresh: BTreeMap<PathBuf, Vec<Object>>,
     duplicates: Vec<FileProblem>,
     dir_problem: Option<FileProblem>,
 }
 
 impl Loader {
-    /// Takes the directory's current contents; re-parses changed files.
+    /// Takes the directory's whole contents; re-parses changed files.
     fn load(&mut self, snapshot: BTreeMap<PathBuf, Vec<u8>>) {
-        self.files.retain(|path, _| snapshot.contains_key(path));
-        for (path, bytes) in snapshot {
+        let mut changes: BTreeMap<PathBuf, Option<Vec<u8>>> = self
+            .files
+            .keys()
+            .filter(|p| !snapshot.contains_key(*p))
+            .map(|p| (p.clone(), None))
+            .collect();
+        changes.extend(snapshot.into_iter().map(|(p, b)| (p, Some(b))));
+        self.apply_changes(changes);
+    }
+
+    /// Whether the files hold exactly `snapshot` already.
+    fn holds(&self, snapshot: &Snapshot) -> bool {
+        let Snapshot::Files(files) = snapshot else {
+            return self.dir_problem.is_some();
+        };
+        files.len() == self.files.len()
+            && files
+                .iter()
+                .all(|(p, b)| self.files.get(p).is_some_and(|s| *s.bytes == **b))
+    }
+
+    /// Takes the contents of some files (`None`: the file is gone).
+    fn apply_changes(&mut self, changes: BTreeMap<PathBuf, Option<Vec<u8>>>) {
+        for (path, bytes) in changes {
+            let Some(bytes) = bytes else {
+                if let Some(state) = self.files.remove(&path) {
+                    self.fresh.remove(&path);
+                    self.touched.entry(path).or_insert(state.good);
+                }
+                continue;
+            };
             let known = self.files.contains_key(&path);
             let state = self.files.entry(path.clone()).or_default();
-            if known && state.bytes == bytes {
+            if known && *state.bytes == *bytes {
                 continue;
             }
+            let bytes: Arc<[u8]> = bytes.into();
             match parse_file(&path, &bytes) {
                 Ok((objects, problems)) => {
                     tracing::debug!(file = %path.display(), objects = objects.len(), "files source: loaded");
-                    state.good = Some(objects);
+                    let good = Good {
+                        bytes: bytes.clone(),
+                        keys: objects.iter().map(object_key).collect(),
+                    };
+                    let before = state.good.replace(good);
                     state.problems = problems;
+                    self.touched.entry(path.clone()).or_insert(before);
+                    self.fresh.insert(path, objects);
                 }
                 Err(message) => {
-                    let kept = state.good.as_ref().map_or(0, Vec::len);
+                    let kept = state.good.as_ref().map_or(0, |g| g.keys.len());
                     let problem = FileProblem {
                         path: path.clone(),
                         severity: Severity::Error,
@@ -392,71 +664,162 @@ impl Loader {
         }
     }
 
-    /// Every object by kind, later files winning over earlier ones for one
-    /// (kind, namespace, name); records duplicates as problems.
-    fn aggregate(&mut self) -> Aggregate {
-        let mut seen: BTreeMap<(&'static str, String, String), &Path> = BTreeMap::new();
-        let mut duplicates = Vec::new();
-        let mut by_key: BTreeMap<(&'static str, String, String), &Object> = BTreeMap::new();
-        let mut order = Vec::new();
-        for (path, state) in &self.files {
-            for object in state.good.iter().flatten() {
-                let key = object_key(object);
-                if let Some(first) = seen.insert(key.clone(), path) {
-                    duplicates.push(FileProblem {
-                        path: path.clone(),
-                        severity: Severity::Warning,
-                        code: "duplicate_object",
-                        message: format!(
-                            "{} {}{} is also in {}; this file's copy is used",
-                            key.0,
-                            if key.1.is_empty() {
-                                String::new()
-                            } else {
-                                format!("{}/", key.1)
-                            },
-                            key.2,
-                            first.display()
-                        ),
-                    });
-                } else {
-                    order.push(key.clone());
-                }
-                by_key.insert(key, object);
-            }
-        }
-        let mut aggregate = Aggregate::default();
-        for key in &order {
-            match by_key[key] {
-                Object::Namespace(o) => aggregate.namespaces.push((**o).clone()),
-                Object::Pod(o) => aggregate.pods.push((**o).clone()),
-                Object::NetworkPolicy(o) => aggregate.policies.push((**o).clone()),
-            }
-        }
-        self.duplicates = duplicates;
-        aggregate
+    /// The file whose copy of `key` is in effect.
+    fn winner(&self, key: &ObjectKey) -> Option<&PathBuf> {
+        self.index.get(key)?.last()
     }
 
-    /// A `Replace` for each kind that differs from what was sent (every
-    /// kind the first time).
+    /// Takes `path`'s keys `before` out of the index and its current ones in.
+    fn reindex(&mut self, path: &Path, before: Option<&[ObjectKey]>) {
+        for key in before.into_iter().flatten() {
+            if let Some(paths) = self.index.get_mut(key) {
+                paths.retain(|p| p != path);
+                if paths.is_empty() {
+                    self.index.remove(key);
+                }
+            }
+        }
+        let Some(good) = self.files.get(path).and_then(|s| s.good.as_ref()) else {
+            return;
+        };
+        for key in &good.keys {
+            let paths = self.index.entry(key.clone()).or_default();
+            let at = paths.partition_point(|p| p.as_path() <= path);
+            paths.insert(at, path.to_owned());
+        }
+    }
+
+    /// Objects in several files (or twice in one) are problems: the later
+    /// copy is used.
+    fn find_duplicates(&mut self) {
+        self.duplicates = self
+            .index
+            .iter()
+            .filter(|(_, paths)| paths.len() > 1)
+            .flat_map(|(key, paths)| {
+                paths.windows(2).map(move |pair| FileProblem {
+                    path: pair[1].clone(),
+                    severity: Severity::Warning,
+                    code: "duplicate_object",
+                    message: format!(
+                        "{} {}{} is also in {}; this file's copy is used",
+                        key.0,
+                        if key.1.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{}/", key.1)
+                        },
+                        key.2,
+                        pair[0].display()
+                    ),
+                })
+            })
+            .collect();
+    }
+
+    /// The current objects of the file at `path`: parsed just now, or
+    /// parsed again into `cache`.
+    fn current<'a>(
+        &'a self,
+        fresh: &'a BTreeMap<PathBuf, Vec<Object>>,
+        cache: &'a mut BTreeMap<PathBuf, Vec<Object>>,
+        path: &Path,
+    ) -> &'a [Object] {
+        if let Some(objects) = fresh.get(path) {
+            return objects;
+        }
+        let good = self.files.get(path).and_then(|s| s.good.as_ref());
+        cache
+            .entry(path.to_owned())
+            .or_insert_with(|| good.map(|g| g.objects(path)).unwrap_or_default())
+    }
+
+    /// The updates since the last call (see [`Loader`]).
     fn updates(&mut self) -> Vec<SourceUpdate> {
-        let now = self.aggregate();
-        let before = self.sent.take();
+        let touched = std::mem::take(&mut self.touched);
+        let fresh = std::mem::take(&mut self.fresh);
+        // Only objects that were or are in a changed file can have changed.
+        let mut candidates: BTreeSet<ObjectKey> = BTreeSet::new();
+        for (path, before) in &touched {
+            candidates.extend(before.iter().flat_map(|g| g.keys.iter().cloned()));
+            if let Some(good) = self.files.get(path).and_then(|s| s.good.as_ref()) {
+                candidates.extend(good.keys.iter().cloned());
+            }
+        }
+        let old: Vec<Option<PathBuf>> = candidates
+            .iter()
+            .map(|key| self.winner(key).cloned())
+            .collect();
+        for (path, before) in &touched {
+            self.reindex(path, before.as_ref().map(|g| g.keys.as_slice()));
+        }
+        self.find_duplicates();
+        if !self.sent {
+            self.sent = true;
+            // Every file was just parsed: the winners are moved out.
+            let mut fresh: BTreeMap<PathBuf, Vec<Option<Object>>> = fresh
+                .into_iter()
+                .map(|(p, objects)| (p, objects.into_iter().map(Some).collect()))
+                .collect();
+            let mut aggregate = Aggregate::default();
+            for (key, paths) in &self.index {
+                let Some(path) = paths.last() else { continue };
+                let object = fresh.get_mut(path).and_then(|objects| {
+                    objects
+                        .iter_mut()
+                        .rev()
+                        .find(|o| o.as_ref().is_some_and(|o| object_key(o) == *key))
+                        .and_then(Option::take)
+                });
+                match object {
+                    Some(Object::Namespace(o)) => aggregate.namespaces.push(*o),
+                    Some(Object::Pod(o)) => aggregate.pods.push(*o),
+                    Some(Object::NetworkPolicy(o)) => aggregate.policies.push(*o),
+                    None => {}
+                }
+            }
+            return vec![
+                SourceUpdate::Replace(Objects::Namespaces(aggregate.namespaces)),
+                SourceUpdate::Replace(Objects::Pods(aggregate.pods)),
+                SourceUpdate::Replace(Objects::NetworkPolicies(aggregate.policies)),
+            ];
+        }
+        // The versions before, of the touched files, parsed again.
+        let before: BTreeMap<&PathBuf, Vec<Object>> = touched
+            .iter()
+            .filter(|(_, good)| good.is_some())
+            .map(|(path, good)| {
+                (
+                    path,
+                    good.as_ref().map(|g| g.objects(path)).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let mut cache: BTreeMap<PathBuf, Vec<Object>> = BTreeMap::new();
         let mut updates = Vec::new();
-        if before.as_ref().map(|b| &b.namespaces) != Some(&now.namespaces) {
-            updates.push(SourceUpdate::Replace(Objects::Namespaces(
-                now.namespaces.clone(),
-            )));
+        for (key, old_path) in candidates.iter().zip(old) {
+            let old = old_path.and_then(|path| match touched.get(&path) {
+                Some(_) => before
+                    .get(&path)
+                    .and_then(|objects| find(objects, key))
+                    .cloned(),
+                None => find(self.current(&fresh, &mut cache, &path), key).cloned(),
+            });
+            let new = self
+                .winner(key)
+                .cloned()
+                .and_then(|path| find(self.current(&fresh, &mut cache, &path), key).cloned());
+            match (old, new) {
+                (old, Some(new)) if old.as_ref().is_none_or(|old| !same_object(old, &new)) => {
+                    updates.push(SourceUpdate::Apply(new));
+                }
+                (Some(_), None) => updates.push(SourceUpdate::Delete(
+                    kind_of(key.0),
+                    ObjectRef::new(key.1.clone(), key.2.clone()),
+                )),
+                _ => {}
+            }
         }
-        if before.as_ref().map(|b| &b.pods) != Some(&now.pods) {
-            updates.push(SourceUpdate::Replace(Objects::Pods(now.pods.clone())));
-        }
-        if before.as_ref().map(|b| &b.policies) != Some(&now.policies) {
-            updates.push(SourceUpdate::Replace(Objects::NetworkPolicies(
-                now.policies.clone(),
-            )));
-        }
-        self.sent = Some(now);
         updates
     }
 
@@ -472,6 +835,36 @@ impl Loader {
         all.sort();
         all
     }
+}
+
+/// The last object `key` of a file's objects (the later copy wins).
+fn find<'a>(objects: &'a [Object], key: &ObjectKey) -> Option<&'a Object> {
+    objects.iter().rev().find(|o| object_key(o) == *key)
+}
+
+fn same_object(a: &Object, b: &Object) -> bool {
+    match (a, b) {
+        (Object::Namespace(a), Object::Namespace(b)) => a == b,
+        (Object::Pod(a), Object::Pod(b)) => a == b,
+        (Object::NetworkPolicy(a), Object::NetworkPolicy(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn kind_of(kind: &str) -> Kind {
+    match kind {
+        "Namespace" => Kind::Namespace,
+        "Pod" => Kind::Pod,
+        _ => Kind::NetworkPolicy,
+    }
+}
+
+/// Every object by kind, for the first `Replace`s.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Aggregate {
+    namespaces: Vec<core::Namespace>,
+    pods: Vec<core::Pod>,
+    policies: Vec<net::NetworkPolicy>,
 }
 
 /// Parses one file: every document, `List`s flattened.
@@ -614,9 +1007,25 @@ mod tests {
         ]));
         assert!(loader.updates().is_empty());
 
-        // Policy file deleted: only the policies are replaced.
+        // Policy file deleted: only the policy is deleted.
         loader.load(snapshot(&[("/m/a.yaml", &format!("{NS}---\n{POD}"))]));
-        assert_eq!(kinds(&loader.updates()), [Kind::NetworkPolicy]);
+        let updates = loader.updates();
+        assert!(
+            matches!(&updates[..], [SourceUpdate::Delete(Kind::NetworkPolicy, r)] if *r == ObjectRef::new("a", "deny")),
+            "{updates:?}"
+        );
+
+        // A pod relabelled: only that pod is applied.
+        let relabelled = POD.replace("  name: p\n", "  name: p\n  labels: {app: x}\n");
+        loader.apply_changes(BTreeMap::from([(
+            PathBuf::from("/m/a.yaml"),
+            Some(format!("{NS}---\n{relabelled}").into_bytes()),
+        )]));
+        let updates = loader.updates();
+        assert!(
+            matches!(&updates[..], [SourceUpdate::Apply(Object::Pod(p))] if p.metadata.labels.is_some()),
+            "{updates:?}"
+        );
     }
 
     #[test]
@@ -739,6 +1148,12 @@ mod tests {
         assert!(matches!(load_dir(&dir), Err(FilesError::Dir { .. })));
     }
 
+    async fn next(rx: &mut mpsc::Receiver<SourceUpdate>) -> Option<SourceUpdate> {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an update within 5 s (no event seen?)")
+    }
+
     #[tokio::test]
     async fn follows_the_directory_and_rescans_on_demand() {
         let dir = std::env::temp_dir().join(format!("palisade-files-{}", std::process::id()));
@@ -755,22 +1170,50 @@ mod tests {
         for _ in 0..3 {
             assert!(matches!(rx.recv().await, Some(SourceUpdate::Replace(_))));
         }
-        // Written, then picked up by polling.
+        // Written in place: read when closed.
         std::fs::write(dir.join("p.yaml"), POLICY).unwrap();
-        let update = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap();
         assert!(matches!(
-            update,
-            Some(SourceUpdate::Replace(Objects::NetworkPolicies(p))) if p.len() == 1
+            next(&mut rx).await,
+            Some(SourceUpdate::Apply(Object::NetworkPolicy(p))) if p.metadata.name.as_deref() == Some("deny")
         ));
+        // Written to a hidden temporary file, half first: nothing is read
+        // until it is renamed into place.
+        let tmp = dir.join(".q.yaml.tmp");
+        let second = POLICY.replace("name: deny", "name: second");
+        let (half, rest) = second.split_at(second.len() / 2);
+        std::fs::write(&tmp, half).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "a temporary file is not read");
+        let mut all = half.to_owned();
+        all.push_str(rest);
+        std::fs::write(&tmp, &all).unwrap();
+        std::fs::rename(&tmp, dir.join("q.yaml")).unwrap();
+        assert!(matches!(
+            next(&mut rx).await,
+            Some(SourceUpdate::Apply(Object::NetworkPolicy(p))) if p.metadata.name.as_deref() == Some("second")
+        ));
+        // Renamed away: deleted.
+        std::fs::rename(dir.join("q.yaml"), dir.join("q.yaml.off")).unwrap();
+        assert!(matches!(
+            next(&mut rx).await,
+            Some(SourceUpdate::Delete(Kind::NetworkPolicy, r)) if r.name == "second"
+        ));
+        // An unchanged rewrite sends nothing.
+        std::fs::write(dir.join("p.yaml"), POLICY).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "nothing changed");
         // Removed, then a rescan sends it at once.
         std::fs::remove_file(dir.join("p.yaml")).unwrap();
         assert!(handle.rescan().await);
-        assert!(matches!(
-            rx.try_recv(),
-            Ok(SourceUpdate::Replace(Objects::NetworkPolicies(p))) if p.is_empty()
-        ));
+        let mut deleted = false;
+        while let Ok(update) = rx.try_recv() {
+            deleted |=
+                matches!(update, SourceUpdate::Delete(Kind::NetworkPolicy, r) if r.name == "deny");
+        }
+        // (the event may have been handled before the rescan: then it is already sent)
+        if !deleted {
+            assert!(handle.rescan().await);
+        }
         drop(rx);
         task.abort();
         std::fs::remove_dir_all(&dir).unwrap();

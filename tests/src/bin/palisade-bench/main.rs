@@ -1,6 +1,7 @@
 //! Palisade benchmarks, run by `cargo xtask bench <name>`. Each prints a table
 //! and can write its figures as JSON.
 
+mod control_plane;
 mod datapath;
 mod flows;
 mod peers;
@@ -25,6 +26,8 @@ enum Bench {
     Flows(flows::Options),
     /// Palisade against no filter and iptables+ipset (kube-router layout) between two pods, as policies grow.
     Peers(peers::Options),
+    /// The agent on a 10,000-pod cluster from files: cold sync, label change to enforcement, peak RSS.
+    ControlPlane(control_plane::Options),
 }
 
 /// Where to write the figures, shared by every benchmark.
@@ -50,6 +53,7 @@ fn main() -> Result<()> {
         Bench::Datapath(opts) => datapath::run(&opts),
         Bench::Peers(opts) => peers::run(&opts),
         Bench::Flows(opts) => flows::run(&opts),
+        Bench::ControlPlane(opts) => control_plane::run(&opts),
     }
 }
 
