@@ -108,6 +108,8 @@ pub struct Reconciler {
     status: watch::Sender<Arc<Snapshot>>,
     /// What the flow pipeline names flows with, as last programmed.
     flow_names: watch::Sender<Arc<FlowNames>>,
+    /// The maps changed since `flow_names` was built.
+    names_stale: bool,
 
     state: ClusterState,
     /// Objects whose conversion failed, by kind and coordinates.
@@ -166,6 +168,7 @@ impl Reconciler {
             metrics,
             status,
             flow_names: watch::channel(Arc::new(FlowNames::default())).0,
+            names_stale: false,
             state: ClusterState::new(),
             rejected: BTreeMap::new(),
             kinds_seen: BTreeSet::new(),
@@ -195,6 +198,27 @@ impl Reconciler {
             lost: LostCounter::take(&mut self.dp)?,
         };
         Ok((tap, self.flow_names.subscribe()))
+    }
+
+    /// Rebuilds what the flow pipeline names flows with, from the state and
+    /// the maps last programmed.
+    fn publish_flow_names(&mut self) {
+        self.names_stale = false;
+        let Some(desired) = &self.last_applied else {
+            return;
+        };
+        let node_ips = self.node_ips.clone().unwrap_or_default();
+        let endpoints = self.registry.local_endpoints();
+        let input = Self::compile_input(&self.state, &self.registry);
+        let names = FlowNames::build(
+            self.enforced_revision,
+            &input,
+            &node_ips,
+            &endpoints,
+            desired,
+            &self.ids,
+        );
+        self.flow_names.send_replace(Arc::new(names));
     }
 
     /// Handles inputs until shutdown (or until every input is closed).
@@ -242,6 +266,9 @@ impl Reconciler {
                 () = std::future::ready(()), if self.writer.lagging() && self.dirty.is_none() => {
                     self.catch_up();
                 }
+                // Idle: name flows after what was just programmed (off the
+                // path from a change to its enforcement).
+                () = std::future::ready(()), if self.names_stale => self.publish_flow_names(),
             }
             self.publish();
         }
@@ -690,20 +717,9 @@ impl Reconciler {
             endpoints: self.registry.local_endpoints(),
         };
         let started = std::time::Instant::now();
-        let (desired, names) = {
+        let desired = {
             let input = Self::compile_input(&self.state, &self.registry);
-            let desired = compile(&input, &scope, &mut self.ids);
-            let names = (self.flow_names.receiver_count() > 0).then(|| {
-                FlowNames::build(
-                    revision,
-                    &input,
-                    &scope.node_ips,
-                    &scope.endpoints,
-                    &desired,
-                    &self.ids,
-                )
-            });
-            (desired, names)
+            compile(&input, &scope, &mut self.ids)
         };
         self.metrics.observe_compile(started.elapsed());
         let compiled = started.elapsed();
@@ -761,9 +777,7 @@ impl Reconciler {
                     .map(|r| (r.container_id.clone(), revision))
                     .collect();
                 self.last_applied = Some(desired);
-                if let Some(names) = names {
-                    self.flow_names.send_replace(Arc::new(names));
-                }
+                self.names_stale = self.flow_names.receiver_count() > 0;
             }
             Err(e) => self.apply_failed(revision, &e),
         }
