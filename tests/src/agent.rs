@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead as _, BufReader, Read as _, Seek as _, SeekFrom};
+use std::io::{Read as _, Seek as _, SeekFrom};
 use std::net::IpAddr;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
@@ -37,57 +37,12 @@ pub use policy_agent::api::proto;
 pub fn binary() -> Result<PathBuf> {
     static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BINARY
-        .get_or_init(|| build().map_err(|e| format!("{e:#}")))
+        .get_or_init(|| {
+            crate::workspace_bin::build("policy-agent", "PALISADE_AGENT_BIN")
+                .map_err(|e| format!("{e:#}"))
+        })
         .clone()
         .map_err(|e| anyhow!("building policy-agent: {e}"))
-}
-
-fn build() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("PALISADE_AGENT_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_owned();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .args([
-            "build",
-            "--quiet",
-            "--package",
-            "policy-agent",
-            "--bin",
-            "policy-agent",
-            "--message-format=json-render-diagnostics",
-        ])
-        .current_dir(&workspace)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if !cfg!(debug_assertions) {
-        command.arg("--release");
-    }
-    let mut child = command.spawn().context("running cargo build")?;
-    let stdout = child.stdout.take().context("cargo's stdout")?;
-    let mut executable = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if message["reason"] == "compiler-artifact"
-            && message["target"]["name"] == "policy-agent"
-            && let Some(path) = message["executable"].as_str()
-        {
-            executable = Some(PathBuf::from(path));
-        }
-    }
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("cargo build -p policy-agent failed ({status})");
-    }
-    executable.context("cargo build did not report the policy-agent executable")
 }
 
 /// The directories and socket of one test's agent.

@@ -17,7 +17,7 @@
 //! Every invocation has a deadline; a plugin that overruns it is killed.
 
 use std::fs::File;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -38,57 +38,12 @@ pub const PLUGIN_DEADLINE: Duration = Duration::from_secs(60);
 pub fn plugin_binary() -> Result<PathBuf> {
     static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BINARY
-        .get_or_init(|| build().map_err(|e| format!("{e:#}")))
+        .get_or_init(|| {
+            crate::workspace_bin::build("palisade-cni", "PALISADE_CNI_BIN")
+                .map_err(|e| format!("{e:#}"))
+        })
         .clone()
         .map_err(|e| anyhow!("building palisade-cni: {e}"))
-}
-
-fn build() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("PALISADE_CNI_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_owned();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .args([
-            "build",
-            "--quiet",
-            "--package",
-            "policy-agent",
-            "--bin",
-            "palisade-cni",
-            "--message-format=json-render-diagnostics",
-        ])
-        .current_dir(&workspace)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if !cfg!(debug_assertions) {
-        command.arg("--release");
-    }
-    let mut child = command.spawn().context("running cargo build")?;
-    let stdout = child.stdout.take().context("cargo's stdout")?;
-    let mut executable = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        let Ok(message) = serde_json::from_str::<Value>(&line) else {
-            continue;
-        };
-        if message["reason"] == "compiler-artifact"
-            && message["target"]["name"] == "palisade-cni"
-            && let Some(path) = message["executable"].as_str()
-        {
-            executable = Some(PathBuf::from(path));
-        }
-    }
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("cargo build --bin palisade-cni failed ({status})");
-    }
-    executable.context("cargo build did not report the palisade-cni executable")
 }
 
 /// A network configuration list.

@@ -8,3 +8,4 @@ pub mod fixture;
 pub mod kube;
 pub mod netns;
 pub mod packet;
+pub mod workspace_bin;
