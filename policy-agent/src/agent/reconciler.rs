@@ -38,7 +38,7 @@ use super::metrics::{ApplyErrorLabels, KindLabels, Metrics, OperationLabels, Res
 use super::report::Reporter;
 use super::status::{EndpointStatus, Snapshot};
 use super::store::StateStore;
-use crate::compile::{Desired, IdentityAllocator, NodeScope, compile};
+use crate::compile::{CompileMemo, Desired, IdentityAllocator, NodeScope, compile_reusing};
 use crate::datapath::writer::MapWriter;
 use crate::datapath::{Adopted, Datapath, DatapathError, FlowReader, LostCounter};
 use crate::flows::{FlowNames, FlowTap};
@@ -51,6 +51,10 @@ use crate::source::{Kind, Object, Objects, SourceUpdate};
 pub const DEBOUNCE: Duration = Duration::from_millis(10);
 /// Longest a stream of changes delays a compile.
 pub const MAX_DELAY: Duration = Duration::from_millis(100);
+/// Identities are saved once changes have stopped for this long...
+const SAVE_QUIET: Duration = Duration::from_secs(1);
+/// ...or at the latest this long after they changed.
+const SAVE_MAX_DELAY: Duration = Duration::from_secs(10);
 /// First and longest delay before retrying a failed apply.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -118,12 +122,18 @@ pub struct Reconciler {
     node_ips: Option<Vec<IpAddr>>,
     registry: EndpointRegistry,
     ids: IdentityAllocator,
+    /// What the last compile computed, for the next one to reuse.
+    memo: CompileMemo,
     /// [`IdentityAllocator::changes`] when the identities were last saved.
     saved_ids: Option<u64>,
 
     revision: u64,
     /// When the oldest and the newest uncompiled change arrived.
     dirty: Option<(Instant, Instant)>,
+    /// The last input that changed the state.
+    last_change: Instant,
+    /// When the identities first differed from what was saved.
+    unsaved_since: Option<Instant>,
     enforced_revision: u64,
     endpoint_enforced: BTreeMap<String, u64>,
     /// What the maps hold after the last successful apply (isolation flags
@@ -176,8 +186,11 @@ impl Reconciler {
             registry,
             saved_ids: Some(ids.changes()),
             ids,
+            memo: CompileMemo::default(),
             revision: 0,
             dirty: None,
+            last_change: Instant::now(),
+            unsaved_since: None,
             enforced_revision: 0,
             endpoint_enforced: BTreeMap::new(),
             last_applied: None,
@@ -210,7 +223,9 @@ impl Reconciler {
         let node_ips = self.node_ips.clone().unwrap_or_default();
         let endpoints = self.registry.local_endpoints();
         let input = Self::compile_input(&self.state, &self.registry);
+        let previous = self.flow_names.borrow().clone();
         let names = FlowNames::build(
+            Some(&previous),
             self.enforced_revision,
             &input,
             &node_ips,
@@ -269,9 +284,18 @@ impl Reconciler {
                 // Idle: name flows after what was just programmed (off the
                 // path from a change to its enforcement).
                 () = std::future::ready(()), if self.names_stale => self.publish_flow_names(),
+                // The identities the maps now use, for the next start, once
+                // changes pause: off the path of every change. The next
+                // start reconciles whatever the file says, so losing the
+                // latest numbers to a crash costs re-judged connections,
+                // never a wrong verdict.
+                () = sleep_until(self.save_due()), if self.dirty.is_none() && self.save_due().is_some() => {
+                    self.save_identities();
+                }
             }
             self.publish();
         }
+        self.save_identities();
         tracing::info!(
             revision = self.revision,
             enforced = self.enforced_revision,
@@ -284,6 +308,7 @@ impl Reconciler {
     fn changed(&mut self) -> u64 {
         self.revision += 1;
         let now = Instant::now();
+        self.last_change = now;
         self.dirty = Some(match self.dirty {
             Some((first, _)) => (first, now),
             None => (now, now),
@@ -719,15 +744,17 @@ impl Reconciler {
         let started = std::time::Instant::now();
         let desired = {
             let input = Self::compile_input(&self.state, &self.registry);
-            compile(&input, &scope, &mut self.ids)
+            compile_reusing(&input, &scope, &mut self.ids, &mut self.memo)
         };
         self.metrics.observe_compile(started.elapsed());
+        if self.unsaved_since.is_none() && self.saved_ids != Some(self.ids.changes()) {
+            self.unsaved_since = Some(Instant::now());
+        }
         let compiled = started.elapsed();
         let mut diagnostics = desired.diagnostics.clone();
         diagnostics.extend(self.rejected.values().cloned());
         self.reporter.compiled(&diagnostics);
-        self.save_identities();
-        let saved = started.elapsed();
+        let reported = started.elapsed();
 
         let applying = std::time::Instant::now();
         let applied = self.writer.apply_deferred(&mut self.dp, &desired);
@@ -764,7 +791,7 @@ impl Reconciler {
                         policy_entries = desired.policy.len(),
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         compile_ms = compiled.as_millis() as u64,
-                        report_and_save_ms = (saved - compiled).as_millis() as u64,
+                        report_ms = (reported - compiled).as_millis() as u64,
                         "maps programmed"
                     );
                 } else {
@@ -841,17 +868,24 @@ impl Reconciler {
         });
     }
 
+    /// When to save the identities, if they changed since the last save.
+    fn save_due(&self) -> Option<Instant> {
+        let since = self.unsaved_since?;
+        Some((self.last_change + SAVE_QUIET).min(since + SAVE_MAX_DELAY))
+    }
+
     fn save_identities(&mut self) {
         let now = self.ids.changes();
         if self.saved_ids == Some(now) {
             return;
         }
-        match self.store.save_identities(&self.ids) {
-            Ok(()) => self.saved_ids = Some(now),
-            Err(e) => {
-                self.metrics.state_write_errors.inc();
-                tracing::error!(error = %e, "saving identities");
-            }
+        // Attempted counts as saved: a failing disk is retried on the next
+        // change, not in a loop.
+        self.saved_ids = Some(now);
+        self.unsaved_since = None;
+        if let Err(e) = self.store.save_identities(&self.ids) {
+            self.metrics.state_write_errors.inc();
+            tracing::error!(error = %e, "saving identities; retried after the next change");
         }
     }
 

@@ -48,10 +48,12 @@
 //! * A local endpoint whose Pod is unknown, or scheduled on another node, is
 //!   isolated both ways with no entries (fail closed).
 
+mod entries;
 pub mod identity;
 pub mod lookup;
 mod peers;
 mod ports;
+mod reuse;
 pub mod rules;
 
 #[cfg(test)]
@@ -61,14 +63,16 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use policy_common::identity as reserved;
 use policy_common::{
-    Addr, Direction, EndpointInfo, PeerInfo, PolicyKey, PolicyValue, V4_MAPPED_PREFIX_LEN,
-    v4_mapped,
+    Addr, Direction, EndpointInfo, PeerInfo, PolicyKey, V4_MAPPED_PREFIX_LEN, v4_mapped,
 };
 
+pub use entries::{EndpointEntries, PolicyEntries};
 pub use identity::{IdentityAllocator, IdentityError, IdentityKey};
+pub use reuse::CompileMemo;
 pub use rules::{RuleIds, RuleRef};
 
 use crate::model::{
@@ -76,7 +80,8 @@ use crate::model::{
     Peers, Pod, Policy, Protocol, Rule, Severity,
 };
 use peers::{Group, Prefixes, addr, collect_prefixes, prefix_key};
-use ports::{Fit, PortTarget, ValueBuilder, port_targets};
+use ports::{PortTarget, port_targets};
+use reuse::{EndpointBlock, RuleUse};
 
 /// The interface of a pod on this node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -110,10 +115,11 @@ pub struct Desired {
     /// `PALISADE_PEER_CIDRS`, by (prefix length in the 128-bit space, masked
     /// address): every ipBlock prefix of every policy.
     pub peer_cidrs: BTreeMap<(u32, Addr), PeerInfo>,
-    /// `PALISADE_POLICY`.
-    pub policy: BTreeMap<PolicyKey, PolicyValue>,
-    /// What each rule id in `policy` stands for (every rule of every policy).
-    pub rules: BTreeMap<u32, RuleRef>,
+    /// `PALISADE_POLICY`, by endpoint.
+    pub policy: PolicyEntries,
+    /// What each rule id in `policy` stands for (every rule of every policy;
+    /// shared between compiles while the policies' rules are the same).
+    pub rules: Arc<BTreeMap<u32, RuleRef>>,
     /// Conversion and compilation problems, conversion ones first.
     pub diagnostics: Vec<Diagnostic>,
 }
@@ -124,6 +130,18 @@ pub struct Desired {
 /// result is deterministic for a given allocator state); identities no pod or
 /// policy uses any more are freed at the end.
 pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocator) -> Desired {
+    compile_reusing(state, node, ids, &mut CompileMemo::default())
+}
+
+/// [`compile`], reusing what the previous compile with `memo` (and `ids`)
+/// computed for endpoints whose inputs did not change: the same result,
+/// in time proportional to the change for most changes.
+pub fn compile_reusing(
+    state: &ClusterState,
+    node: &NodeScope,
+    ids: &mut IdentityAllocator,
+    memo: &mut CompileMemo,
+) -> Desired {
     let mut diagnostics: Vec<Diagnostic> = state.diagnostics().cloned().collect();
 
     // 1. Identities: one per (namespace labels, pod labels) of a pod that can
@@ -172,14 +190,20 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
         }
         IdentityKey::Cidr(_) => false,
     };
-    let peer_refs: Vec<(&ObjectRef, &Pod)> =
+    let peer_refs: Vec<(&ObjectRef, &Arc<Pod>)> =
         state.pods().iter().filter(|(_, p)| is_peer(p)).collect();
+    let relabelled: BTreeSet<&str> = memo.relabelled_namespaces(&namespace_labels);
+    let mut last_compile = memo.pod_identities();
     let mut peer_numbers: Vec<Option<u32>> = Vec::with_capacity(peer_refs.len());
     let mut built: Vec<(usize, IdentityKey)> = Vec::new();
     for (i, (pod_ref, pod)) in peer_refs.iter().enumerate() {
-        let hint = ids
-            .remembered(pod_ref)
-            .filter(|id| ids.key(*id).is_some_and(|k| key_matches(k, pod)));
+        let hint = last_compile
+            .unchanged(pod_ref, pod)
+            .filter(|_| !relabelled.contains(pod.namespace.as_str()))
+            .or_else(|| {
+                ids.remembered(pod_ref)
+                    .filter(|id| ids.key(*id).is_some_and(|k| key_matches(k, pod)))
+            });
         if hint.is_some() {
             peer_numbers.push(hint);
         } else {
@@ -218,6 +242,13 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
             ids.remember(peer_refs[*i].0, id);
         }
     }
+    memo.keep_pod_identities(
+        peer_refs
+            .iter()
+            .zip(&peer_numbers)
+            .filter_map(|((_, pod), id)| id.map(|id| (Arc::clone(pod), id))),
+        &namespace_labels,
+    );
     if ids.remembered_pods() > peer_refs.len() + 1024 {
         ids.forget_pods(|pod| state.pod(pod).is_some_and(is_peer));
     }
@@ -247,7 +278,7 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
     let peer_ids: Vec<(&Pod, u32)> = peer_refs
         .iter()
         .zip(&peer_numbers)
-        .filter_map(|((_, pod), id)| id.map(|id| (*pod, id)))
+        .filter_map(|((_, pod), id)| id.map(|id| (&***pod, id)))
         .collect();
     let mut groups: BTreeMap<u32, Group<'_>> = BTreeMap::new();
     for &(pod, id) in &peer_ids {
@@ -334,7 +365,7 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
     }
 
     // 3. Endpoints and policy entries.
-    let rule_ids = RuleIds::assign(state.policies().values());
+    let (rule_ids, rule_map) = memo.rule_ids(state.policies());
     let mut by_namespace: BTreeMap<&str, Vec<&Group<'_>>> = BTreeMap::new();
     for group in groups.values() {
         by_namespace.entry(group.namespace).or_default().push(group);
@@ -346,9 +377,8 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
         namespaces_matching: RefCell::new(HashMap::new()),
         prefixes: &prefixes,
     };
-    let mut plans: BTreeMap<(ObjectRef, Direction, usize), RulePlan> = BTreeMap::new();
-    let mut grants: Vec<(PolicyKey, Grant)> = Vec::new();
-    let mut endpoint_pods: BTreeMap<u32, ObjectRef> = BTreeMap::new();
+    let mut plans: BTreeMap<(ObjectRef, Direction, usize), Arc<RulePlan>> = BTreeMap::new();
+    let mut blocks: BTreeMap<u32, Arc<EndpointBlock>> = BTreeMap::new();
     for (pod_ref, ep, pod) in local_pods {
         if out.endpoints.contains_key(&ep.ifindex) {
             diagnostics.push(Diagnostic::pod(
@@ -423,9 +453,8 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
             info.flags |= EndpointInfo::HAS_IPV6;
             info.ipv6 = v6.octets();
         }
-        out.endpoints.insert(ep.ifindex, info);
-        endpoint_pods.insert(ep.endpoint_id, pod_ref.clone());
 
+        let mut uses: Vec<RuleUse> = Vec::new();
         for policy in selecting {
             let policy_ref = policy.object_ref();
             for direction in [Direction::Ingress, Direction::Egress] {
@@ -438,69 +467,39 @@ pub fn compile(state: &ClusterState, node: &NodeScope, ids: &mut IdentityAllocat
                     };
                     let plan = plans
                         .entry((policy_ref.clone(), direction, index))
-                        .or_insert_with(|| {
-                            ctx.plan(policy, direction, index, rule, &mut diagnostics)
+                        .or_insert_with_key(|key| {
+                            let fresh = ctx.plan(policy, direction, index, rule, &mut diagnostics);
+                            memo.plan(key, fresh)
                         });
-                    plan.emit(&mut grants, ep.endpoint_id, direction, rule_id, pod);
+                    uses.push(RuleUse {
+                        rule_id,
+                        direction,
+                        plan: plan.clone(),
+                    });
                 }
             }
         }
+        let block = match memo.block(ep.endpoint_id, pod_ref, pod, &uses) {
+            Some(same) => same,
+            None => Arc::new(EndpointBlock::build(
+                ep.endpoint_id,
+                pod_ref,
+                pod,
+                uses,
+                ids,
+            )),
+        };
+        info.flags |= block.peer_flags;
+        out.endpoints.insert(ep.ifindex, info);
+        blocks.insert(ep.endpoint_id, block);
     }
-
-    // Every grant of every rule, by key: sorted once, then each key's
-    // value built from its run.
-    grants.sort_unstable_by_key(|(key, _)| *key);
-    let mut policy: Vec<(PolicyKey, PolicyValue)> = Vec::new();
-    let mut builder = ValueBuilder::default();
-    for (i, (key, grant)) in grants.iter().enumerate() {
-        match *grant {
-            Grant::AnyPort(rule) => builder.allow_any(rule),
-            Grant::Range(first, last, rule) => builder.allow_range(first, last, rule),
-        }
-        if grants.get(i + 1).is_some_and(|(next, _)| next == key) {
-            continue;
-        }
-        let (value, fit) = std::mem::take(&mut builder).build();
-        if fit != Fit::Exact {
-            let owner = endpoint_pods
-                .get(&key.endpoint_id)
-                .cloned()
-                .unwrap_or_default();
-            let what = format!(
-                "{} to/from identity {} protocol {}",
-                Direction::try_from(key.direction).map_or("?", |d| d.as_str()),
-                key.identity,
-                key.protocol
-            );
-            match fit {
-                Fit::Exact => {}
-                Fit::Coalesced => diagnostics.push(Diagnostic::pod(
-                    owner.namespace,
-                    owner.name,
-                    Severity::Info,
-                    DiagnosticCode::PortRangesCoalesced,
-                    format!("{what}: port ranges of several rules merged to fit; flows may name a neighbouring rule"),
-                )),
-                Fit::Overflow(left_out) => diagnostics.push(Diagnostic::pod(
-                    owner.namespace,
-                    owner.name,
-                    Severity::Error,
-                    DiagnosticCode::PortRangesOverflow,
-                    format!(
-                        "{what}: more than {} port ranges; these allowed ranges are DENIED: {}",
-                        policy_common::MAX_PORT_RANGES,
-                        left_out.iter().map(|(f, l)| format!("{f}-{l}")).collect::<Vec<_>>().join(", ")
-                    ),
-                )),
-            }
-        }
-        policy.push((*key, value));
+    for (&endpoint_id, block) in &blocks {
+        out.policy.set_endpoint(endpoint_id, block.entries.clone());
+        diagnostics.extend(block.diagnostics.iter().cloned());
     }
-    // Sorted and unique: built in bulk.
-    out.policy = policy.into_iter().collect();
+    memo.keep(plans, blocks);
 
-    mark_peer_kinds(&mut out, ids);
-    out.rules = rule_ids.into_map();
+    out.rules = rule_map;
     ids.retain_ids(&used);
     out.diagnostics = diagnostics;
     out
@@ -540,7 +539,7 @@ struct Context<'s, 'g> {
 
 /// One rule's entries, independent of the endpoint except for ingress named
 /// ports (which resolve on the endpoint itself).
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 struct RulePlan {
     /// Peer keys for ports that do not depend on the destination pod.
     keys: BTreeSet<u32>,
@@ -819,25 +818,6 @@ impl RulePlan {
                 },
             }
         }
-    }
-}
-
-/// Sets each endpoint's ANY/CIDR peer flags from its policy entries, so the
-/// classifier skips lookups that cannot hit.
-fn mark_peer_kinds(out: &mut Desired, ids: &IdentityAllocator) {
-    let mut flags: BTreeMap<u32, u32> = BTreeMap::new();
-    for key in out.policy.keys() {
-        let flag = if key.identity == reserved::ANY {
-            EndpointInfo::any_peer_flag(key.direction)
-        } else if matches!(ids.key(key.identity), Some(IdentityKey::Cidr(_))) {
-            EndpointInfo::cidr_peer_flag(key.direction)
-        } else {
-            continue;
-        };
-        *flags.entry(key.endpoint_id).or_default() |= flag;
-    }
-    for info in out.endpoints.values_mut() {
-        info.flags |= flags.get(&info.endpoint_id).copied().unwrap_or(0);
     }
 }
 

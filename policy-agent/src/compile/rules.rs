@@ -107,6 +107,11 @@ impl RuleIds {
     pub fn into_map(self) -> BTreeMap<u32, RuleRef> {
         self.by_id
     }
+
+    /// Every id and its rule.
+    pub fn map(&self) -> &BTreeMap<u32, RuleRef> {
+        &self.by_id
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use policy_common::{
 };
 
 use super::{Datapath, DatapathError};
-use crate::compile::Desired;
+use crate::compile::{Desired, PolicyEntries};
 
 /// What one [`MapWriter::apply`] changed (counted once, not per generation).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,7 +46,7 @@ struct Contents {
     endpoints: BTreeMap<u32, EndpointInfo>,
     peer_ips: BTreeMap<Addr, PeerInfo>,
     peer_cidrs: BTreeMap<(u32, Addr), PeerInfo>,
-    policy: BTreeMap<PolicyKey, PolicyValue>,
+    policy: PolicyEntries,
 }
 
 impl Contents {
@@ -268,7 +268,7 @@ fn touched(before: &Contents, desired: &Desired) -> BTreeSet<u32> {
         return desired.endpoints.values().map(|e| e.endpoint_id).collect();
     }
     let mut touched = BTreeSet::new();
-    let (policy_writes, policy_removes) = diff(&before.policy, &desired.policy);
+    let (policy_writes, policy_removes) = diff_policy(&before.policy, &desired.policy);
     touched.extend(policy_writes.iter().map(|(k, _)| k.endpoint_id));
     touched.extend(policy_removes.iter().map(|k| k.endpoint_id));
     let (endpoint_writes, _) = diff(&before.endpoints, &desired.endpoints);
@@ -321,6 +321,31 @@ fn diff<K: Ord + Clone, V: PartialEq + Clone>(
     (writes, removes)
 }
 
+/// [`diff`] of the policy map, endpoint by endpoint: an endpoint whose block
+/// is the one already written (the same allocation) costs nothing.
+fn diff_policy(
+    current: &PolicyEntries,
+    desired: &PolicyEntries,
+) -> (Vec<(PolicyKey, PolicyValue)>, Vec<PolicyKey>) {
+    let empty = Default::default();
+    let (current, desired) = (current.endpoints(), desired.endpoints());
+    let ids: BTreeSet<u32> = current.keys().chain(desired.keys()).copied().collect();
+    let mut writes = Vec::new();
+    let mut removes = Vec::new();
+    for id in ids {
+        let (c, d) = (current.get(&id), desired.get(&id));
+        if let (Some(c), Some(d)) = (c, d)
+            && std::sync::Arc::ptr_eq(c, d)
+        {
+            continue;
+        }
+        let (w, r) = diff(c.map_or(&empty, |c| &**c), d.map_or(&empty, |d| &**d));
+        writes.extend(w);
+        removes.extend(r);
+    }
+    (writes, removes)
+}
+
 fn cidr_trie_key(generation: u32, prefix_len: u32, addr: Addr) -> Key<PeerCidrData> {
     Key::new(
         CIDR_GENERATION_BITS + prefix_len,
@@ -336,7 +361,7 @@ fn write_difference(
     current: &mut Contents,
     desired: &Desired,
 ) -> Result<(usize, usize), DatapathError> {
-    let (policy_writes, policy_removes) = diff(&current.policy, &desired.policy);
+    let (policy_writes, policy_removes) = diff_policy(&current.policy, &desired.policy);
     let (peer_writes, peer_removes) = diff(&current.peer_ips, &desired.peer_ips);
     let (cidr_writes, cidr_removes) = diff(&current.peer_cidrs, &desired.peer_cidrs);
     let (endpoint_writes, endpoint_removes) = diff(&current.endpoints, &desired.endpoints);
@@ -358,7 +383,8 @@ fn write_difference(
                 .map_err(map_err(names::POLICY))?;
         }
     }
-    update(&mut current.policy, &policy_writes, &policy_removes);
+    // Shares the desired blocks: the next diff skips them by pointer.
+    current.policy = desired.policy.clone();
     {
         let mut cidrs = dp.peer_cidrs()?;
         for ((len, addr), v) in &cidr_writes {
@@ -437,12 +463,14 @@ fn update<K: Ord + Clone, V: Clone>(map: &mut BTreeMap<K, V>, writes: &[(K, V)],
 /// Reads what generation `generation` of the verdict maps holds.
 fn read_generation(dp: &mut Datapath, generation: u32) -> Result<Contents, DatapathError> {
     let mut contents = Contents::default();
+    let mut policy = Vec::new();
     for entry in dp.policy()?.iter() {
         let (k, v) = entry.map_err(map_err(names::POLICY))?;
         if u32::from(k.generation) == generation {
-            contents.policy.insert(PolicyKey { generation: 0, ..k }, v);
+            policy.push((PolicyKey { generation: 0, ..k }, v));
         }
     }
+    contents.policy = policy.into_iter().collect();
     for entry in dp.peer_ips()?.iter() {
         let (k, v) = entry.map_err(map_err(names::PEER_IPS))?;
         if k.generation == generation {

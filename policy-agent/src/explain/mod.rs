@@ -140,7 +140,8 @@ fn resolve<'a>(
             pod: state
                 .pods()
                 .values()
-                .find(|pod| !pod.host_network && pod.ips.contains(ip)),
+                .find(|pod| !pod.host_network && pod.ips.contains(ip))
+                .map(|pod| &**pod),
             addr: *ip,
             is_node: node_ips.contains(ip),
         }),

@@ -12,21 +12,10 @@ use ipnet::IpNet;
 use policy_common::Direction;
 
 use crate::compile::{Desired, IdentityAllocator, IdentityKey, LocalEndpoint, RuleRef};
-use crate::model::{ClusterState, Labels, ObjectRef};
+use crate::model::{ClusterState, ObjectRef, Pod};
 
-/// A pod as flows name it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodName {
-    pub namespace: String,
-    pub name: String,
-    pub labels: Labels,
-}
-
-impl PodName {
-    pub fn object_ref(&self) -> ObjectRef {
-        ObjectRef::new(&self.namespace, &self.name)
-    }
-}
+/// A pod as flows name it: the model's pod, shared with the cluster state.
+pub type PodName = Pod;
 
 /// See the module docs.
 #[derive(Debug, Default)]
@@ -43,8 +32,10 @@ pub struct FlowNames {
 
 impl FlowNames {
     /// Names for the state `state` compiled into `desired` for the local
-    /// `endpoints`.
+    /// `endpoints`. Pods are shared with the state; rules equal to ones in
+    /// `previous` are shared with it rather than copied.
     pub fn build(
+        previous: Option<&FlowNames>,
         revision: u64,
         state: &ClusterState,
         node_ips: &[IpAddr],
@@ -59,11 +50,7 @@ impl FlowNames {
             if pod.host_network || (pod.ips.is_empty() && local_endpoint.is_none()) {
                 continue;
             }
-            let name = Arc::new(PodName {
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                labels: pod.labels.clone(),
-            });
+            let name = pod.clone();
             for ip in &pod.ips {
                 pods_by_ip.insert(*ip, name.clone());
             }
@@ -98,7 +85,15 @@ impl FlowNames {
             rules: desired
                 .rules
                 .iter()
-                .map(|(id, rule)| (*id, Arc::new(rule.clone())))
+                .map(|(id, rule)| {
+                    let known = previous
+                        .and_then(|p| p.rules.get(id))
+                        .filter(|known| ***known == *rule);
+                    (
+                        *id,
+                        known.cloned().unwrap_or_else(|| Arc::new(rule.clone())),
+                    )
+                })
                 .collect(),
             cidrs,
             isolating,

@@ -2,6 +2,7 @@
 //! the problems their conversion found.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
@@ -20,7 +21,9 @@ use super::selector::Labels;
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
     namespaces: BTreeMap<String, Namespace>,
-    pods: BTreeMap<ObjectRef, Pod>,
+    /// Shared: a pod that did not change keeps its allocation, which is how
+    /// the compiler and the flow names recognise it without comparing.
+    pods: BTreeMap<ObjectRef, Arc<Pod>>,
     policies: BTreeMap<ObjectRef, Policy>,
     diagnostics: BTreeMap<(ObjectKind, ObjectRef), Vec<Diagnostic>>,
 }
@@ -71,7 +74,13 @@ impl ClusterState {
     pub fn insert_pod(&mut self, pod: Pod, diagnostics: Vec<Diagnostic>) {
         let key = pod.object_ref();
         self.set_diagnostics(ObjectKind::Pod, key.clone(), diagnostics);
-        self.pods.insert(key, pod);
+        match self.pods.get(&key) {
+            // A resync or an update of fields the model does not keep.
+            Some(known) if **known == pod => {}
+            _ => {
+                self.pods.insert(key, Arc::new(pod));
+            }
+        }
     }
 
     /// Adds or replaces a policy, with the diagnostics of its conversion.
@@ -107,7 +116,7 @@ impl ClusterState {
     }
 
     /// Removes a pod.
-    pub fn remove_pod(&mut self, key: &ObjectRef) -> Option<Pod> {
+    pub fn remove_pod(&mut self, key: &ObjectRef) -> Option<Arc<Pod>> {
         self.diagnostics.remove(&(ObjectKind::Pod, key.clone()));
         self.pods.remove(key)
     }
@@ -133,7 +142,7 @@ impl ClusterState {
     }
 
     /// The pods, by namespace and name.
-    pub fn pods(&self) -> &BTreeMap<ObjectRef, Pod> {
+    pub fn pods(&self) -> &BTreeMap<ObjectRef, Arc<Pod>> {
         &self.pods
     }
 
@@ -144,7 +153,7 @@ impl ClusterState {
 
     /// One pod.
     pub fn pod(&self, key: &ObjectRef) -> Option<&Pod> {
-        self.pods.get(key)
+        self.pods.get(key).map(|p| &**p)
     }
 
     /// The pods of one namespace.
@@ -153,7 +162,7 @@ impl ClusterState {
         self.pods
             .range(start..)
             .take_while(move |(k, _)| k.namespace == namespace)
-            .map(|(_, p)| p)
+            .map(|(_, p)| &**p)
     }
 
     /// The policies of one namespace.

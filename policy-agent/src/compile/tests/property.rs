@@ -22,8 +22,10 @@ use proptest::prelude::*;
 use proptest::sample::{select, subsequence};
 
 use super::fixture::{NODE, NODE_IP, endpoint_verdict, endpoint_with_ip, ip};
-use crate::compile::{IdentityAllocator, LocalEndpoint, NodeScope, compile};
-use crate::model::{ClusterState, DiagnosticCode, ObjectRef};
+use crate::compile::{
+    CompileMemo, IdentityAllocator, LocalEndpoint, NodeScope, compile, compile_reusing,
+};
+use crate::model::{ClusterState, DiagnosticCode, ObjectKind, ObjectRef};
 
 const NS_NAMES: [&str; 3] = ["a", "b", "c"];
 const NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -659,7 +661,8 @@ fn named_port_ambiguous(c: &TCluster, pod: usize) -> bool {
     group.len() > 1 || group.iter().any(|o| o.v6)
 }
 
-fn check(c: &TCluster) -> Result<(), TestCaseError> {
+/// The cluster state and node scope of `c` (its local pods registered).
+fn state_of(c: &TCluster) -> Result<(ClusterState, NodeScope), TestCaseError> {
     let (state, rejected) = ClusterState::from_k8s(
         c.ns_labels
             .iter()
@@ -696,6 +699,82 @@ fn check(c: &TCluster) -> Result<(), TestCaseError> {
             },
         );
     }
+    Ok((state, node))
+}
+
+/// Compiling a sequence of clusters with one memo gives, at every step,
+/// exactly what compiling that cluster from nothing (same allocator state)
+/// gives: entries, endpoint flags, rule ids and diagnostics.
+/// The state is updated in place from step to step, as the reconciler's is,
+/// so that unchanged pods keep their allocation.
+fn check_reuse(steps: &[TCluster]) -> Result<(), TestCaseError> {
+    let mut ids = IdentityAllocator::new();
+    let mut memo = CompileMemo::default();
+    let mut state = ClusterState::new();
+    for (n, c) in steps.iter().enumerate() {
+        let (next, node) = state_of(c)?;
+        update_in_place(&mut state, &next);
+        let mut fresh_ids = ids.clone();
+        let fresh = compile(&state, &node, &mut fresh_ids);
+        let reused = compile_reusing(&state, &node, &mut ids, &mut memo);
+        prop_assert_eq!(&reused, &fresh, "step {}", n);
+    }
+    Ok(())
+}
+
+/// Makes `state` hold what `next` holds, object by object.
+fn update_in_place(state: &mut ClusterState, next: &ClusterState) {
+    let gone: Vec<ObjectRef> = state
+        .pods()
+        .keys()
+        .filter(|k| next.pod(k).is_none())
+        .cloned()
+        .collect();
+    for key in gone {
+        state.remove_pod(&key);
+    }
+    for (key, pod) in next.pods() {
+        let diagnostics = next
+            .diagnostics()
+            .filter(|d| {
+                d.object == ObjectKind::Pod && d.namespace == key.namespace && d.name == key.name
+            })
+            .cloned()
+            .collect();
+        state.insert_pod((**pod).clone(), diagnostics);
+    }
+    let gone: Vec<String> = state
+        .namespaces()
+        .keys()
+        .filter(|n| !next.namespaces().contains_key(*n))
+        .cloned()
+        .collect();
+    for name in gone {
+        state.remove_namespace(&name);
+    }
+    for namespace in next.namespaces().values() {
+        state.insert_namespace(namespace.clone());
+    }
+    let gone: Vec<ObjectRef> = state.policies().keys().cloned().collect();
+    for key in gone {
+        state.remove_policy(&key);
+    }
+    for policy in next.policies().values() {
+        let diagnostics = next
+            .diagnostics()
+            .filter(|d| {
+                d.object == ObjectKind::NetworkPolicy
+                    && d.namespace == policy.namespace
+                    && d.name == policy.name
+            })
+            .cloned()
+            .collect();
+        state.insert_policy(policy.clone(), diagnostics);
+    }
+}
+
+fn check(c: &TCluster) -> Result<(), TestCaseError> {
+    let (state, node) = state_of(c)?;
     let mut ids = IdentityAllocator::new();
     let desired = compile(&state, &node, &mut ids);
     let has = |code| desired.diagnostics.iter().any(|d| d.code == code);
@@ -805,5 +884,14 @@ proptest! {
     #[test]
     fn compiled_maps_agree_with_the_spec(c in cluster()) {
         check(&c)?;
+    }
+
+    /// Steps that change a little (one cluster's pods under the other's
+    /// policies, and back) and a lot (the other cluster).
+    #[test]
+    fn compiling_with_reuse_equals_compiling_from_nothing(a in cluster(), b in cluster()) {
+        let mixed = TCluster { policies: b.policies.clone(), ..a.clone() };
+        let relabelled = TCluster { ns_labels: b.ns_labels.clone(), ..a.clone() };
+        check_reuse(&[a.clone(), a.clone(), mixed, a.clone(), relabelled, b, a])?;
     }
 }

@@ -83,6 +83,7 @@ fn cluster_names(pods: u32) -> FlowNames {
     )]
     .into();
     FlowNames::build(
+        None,
         1,
         &state,
         &[],

@@ -101,7 +101,7 @@ fn actionable(state: &ClusterState) -> impl Iterator<Item = (&Pod, IpAddr)> {
         .pods()
         .values()
         .filter(|p| !p.host_network)
-        .filter_map(|p| ipv4(p).map(|ip| (p, ip)))
+        .filter_map(|p| ipv4(p).map(|ip| (&**p, ip)))
 }
 
 /// The pods a rule's peers select (kube-router's `evalPodPeer`).
