@@ -8,7 +8,9 @@
 //!   drop (removing the pins detaches the links).
 //! * [`Agent`]: the agent process, run inside a topology's node namespace
 //!   (entered with `setns` before exec, so it shares the test's mounts and
-//!   bpffs), logging to a file; killed with SIGKILL on drop.
+//!   bpffs), logging to a file; killed with SIGKILL on drop. It reads the
+//!   manifest directory (`--source files`, the default) or a Kubernetes API
+//!   server ([`AgentSource::Kube`]).
 //! * [`manifest`]: YAML for namespaces, pods and policies.
 //! * [`dump_pinned_maps`]: the verdict maps as bpftool reads them, to
 //!   compare what two agents programmed.
@@ -118,6 +120,7 @@ impl Drop for AgentDirs {
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub node_name: String,
+    /// The node's addresses (files source only).
     pub node_ips: Vec<IpAddr>,
     /// The network namespace to run it in (the topology's node namespace).
     pub netns: Option<PathBuf>,
@@ -125,7 +128,18 @@ pub struct AgentOptions {
     pub start_timeout: Duration,
 }
 
-/// A running `policy-agent run --source files`.
+/// Where the agent reads the cluster from.
+#[derive(Clone, Copy, Debug)]
+pub enum AgentSource<'a> {
+    /// `--source files`: the manifest directory of its [`AgentDirs`], and
+    /// `--node-ip` for each of [`AgentOptions::node_ips`].
+    Files,
+    /// `--source kube`, with `KUBECONFIG` set to this file; the node's
+    /// addresses come from its Node object.
+    Kube { kubeconfig: &'a Path },
+}
+
+/// A running `policy-agent run`.
 #[derive(Debug)]
 pub struct Agent {
     child: Option<Child>,
@@ -146,7 +160,7 @@ impl Agent {
         options: &AgentOptions,
         extra_args: &[String],
     ) -> Result<Self> {
-        Self::spawn(dirs, options, extra_args, false)
+        Self::spawn(dirs, options, AgentSource::Files, extra_args, false)
     }
 
     /// [`Agent::start`], in a process group of its own, and killed if the
@@ -154,12 +168,22 @@ impl Agent {
     /// group) reaches the caller alone, which can still ask the agent for
     /// its status before it stops it.
     pub fn start_detached(dirs: &AgentDirs, options: &AgentOptions) -> Result<Self> {
-        Self::spawn(dirs, options, &[], true)
+        Self::spawn(dirs, options, AgentSource::Files, &[], true)
+    }
+
+    /// [`Agent::start_detached`], reading the cluster from `source`.
+    pub fn start_detached_with(
+        dirs: &AgentDirs,
+        options: &AgentOptions,
+        source: AgentSource<'_>,
+    ) -> Result<Self> {
+        Self::spawn(dirs, options, source, &[], true)
     }
 
     fn spawn(
         dirs: &AgentDirs,
         options: &AgentOptions,
+        source: AgentSource<'_>,
         extra_args: &[String],
         detached: bool,
     ) -> Result<Self> {
@@ -170,11 +194,21 @@ impl Agent {
             .open(&dirs.log)
             .with_context(|| format!("opening {}", dirs.log.display()))?;
         let mut command = Command::new(&binary);
+        command.arg("run").args(["--node", &options.node_name]);
+        match source {
+            AgentSource::Files => {
+                command.args(["--source", "files"]).arg("--dir").arg(&dirs.manifests);
+                for ip in &options.node_ips {
+                    command.arg("--node-ip").arg(ip.to_string());
+                }
+            }
+            AgentSource::Kube { kubeconfig } => {
+                command
+                    .args(["--source", "kube"])
+                    .env("KUBECONFIG", kubeconfig);
+            }
+        }
         command
-            .arg("run")
-            .args(["--source", "files", "--node", &options.node_name])
-            .arg("--dir")
-            .arg(&dirs.manifests)
             .arg("--pin-dir")
             .arg(&dirs.pin_dir)
             .arg("--state-dir")
@@ -189,9 +223,6 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        for ip in &options.node_ips {
-            command.arg("--node-ip").arg(ip.to_string());
-        }
         command.args(extra_args);
         // Kept open until spawn returns; entered in the child before exec.
         let netns = options
