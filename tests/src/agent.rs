@@ -85,19 +85,28 @@ impl AgentDirs {
         })
     }
 
-    /// Writes manifest `name` atomically (a hidden temporary file renamed),
-    /// so the agent never reads half a file.
+    /// Writes manifest `name` atomically; see [`write_manifest`].
     pub fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
-        let tmp = self.manifests.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, self.manifests.join(name))
-            .with_context(|| format!("renaming to {name}"))
+        write_manifest(&self.manifests, name, text)
     }
 
     /// Removes manifest `name`.
     pub fn remove_manifest(&self, name: &str) -> Result<()> {
-        std::fs::remove_file(self.manifests.join(name)).with_context(|| format!("removing {name}"))
+        remove_manifest(&self.manifests, name)
     }
+}
+
+/// Writes manifest `name` into `dir` atomically (a hidden temporary file
+/// renamed), so the agent never reads half a file.
+pub fn write_manifest(dir: &Path, name: &str, text: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("renaming to {name}"))
+}
+
+/// Removes manifest `name` of `dir`.
+pub fn remove_manifest(dir: &Path, name: &str) -> Result<()> {
+    std::fs::remove_file(dir.join(name)).with_context(|| format!("removing {name}"))
 }
 
 impl Drop for AgentDirs {

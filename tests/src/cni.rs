@@ -3,7 +3,7 @@
 //!
 //! * [`plugin_binary`] builds `palisade-cni` once per test process (`cargo
 //!   build -p policy-agent --bin palisade-cni`); `PALISADE_CNI_BIN`
-//!   overrides it.
+//!   overrides it. [`install`] runs its `install` command.
 //! * [`ConfList`]: a network configuration list, and the request each of
 //!   its plugins gets (`cniVersion` and `name` of the list, the plugin's
 //!   own fields, `prevResult`, `cni.dev/valid-attachments`).
@@ -46,6 +46,39 @@ pub fn plugin_binary() -> Result<PathBuf> {
         })
         .clone()
         .map_err(|e| anyhow!("building palisade-cni: {e}"))
+}
+
+/// `palisade-cni install`, as the DaemonSet's init container runs it:
+/// copies the plugin into `bin_dir` and chains it, with `socket` and
+/// `timeout_seconds`, last in the first configuration of `conf_dir`.
+/// Returns what it printed.
+pub fn install(
+    conf_dir: &Path,
+    bin_dir: &Path,
+    socket: &Path,
+    timeout_seconds: f64,
+) -> Result<String> {
+    let plugin = plugin_binary()?;
+    let out = Command::new(&plugin)
+        .arg("install")
+        .arg("--conf-dir")
+        .arg(conf_dir)
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .arg("--socket")
+        .arg(socket)
+        .arg(format!("--timeout-seconds={timeout_seconds}"))
+        .output()
+        .with_context(|| format!("running {} install", plugin.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("palisade-cni install ({}): {text}", out.status);
+    }
+    Ok(text)
 }
 
 /// A network configuration list.
