@@ -530,8 +530,10 @@ impl KubeApiServer {
     /// [`apply_agent_manifests`](Self::apply_agent_manifests)) is in effect.
     pub fn agent_kubeconfig(&self) -> Result<PathBuf> {
         let path = self.kubeconfig_for(AGENT_USER)?;
-        let client = self.client_as(AGENT_USER)?;
-        block_on(wait_for_agent_rbac(&client))?;
+        block_on(async {
+            let client = self.client_as(AGENT_USER)?;
+            wait_for_agent_rbac(&client).await
+        })?;
         Ok(path)
     }
 }

@@ -63,5 +63,5 @@ pub use scenario::{
     Endpoint, Expectation, KnownObject, Labels, NamespacedName, ObjectKey, PortRef, Protocol,
     Scenario, Server, SourceObject, Verdict, load_dir, load_file, parse_str, scenario_paths,
 };
-pub use server_support::ServerVersion;
+pub use server_support::ServerSupport;
 pub use state::ScenarioState;

@@ -1,45 +1,17 @@
 //! Whether a scenario can run against a given kube-apiserver, decided from
-//! the scenario's objects. A server older than 1.22 drops NetworkPolicy
-//! `endPort` on write (the field came in 1.21 behind a feature gate that was
-//! off by default): the agent would be given another policy than the
+//! the scenario's objects and what the server keeps. A server older than
+//! 1.22 (such as the 1.20 `cargo xtask setup` builds) drops NetworkPolicy
+//! `endPort` on write: the agent would be given another policy than the
 //! scenario's, so such a scenario is skipped, with the reason.
-
-use std::fmt;
 
 use super::scenario::{KnownObject, Scenario};
 
-/// A kube-apiserver's version, as its `/version` reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ServerVersion {
-    pub major: u32,
-    pub minor: u32,
-}
-
-impl ServerVersion {
-    /// From `/version`'s `major` and `minor` (which may carry a `+`, as in
-    /// `20+`).
-    pub fn parse(major: &str, minor: &str) -> Option<Self> {
-        let number = |s: &str| s.trim_end_matches('+').parse().ok();
-        Some(Self {
-            major: number(major)?,
-            minor: number(minor)?,
-        })
-    }
-
-    /// Whether NetworkPolicy `endPort` survives a write (beta, on by
-    /// default, from 1.22).
-    pub fn keeps_end_port(self) -> bool {
-        self >= Self {
-            major: 1,
-            minor: 22,
-        }
-    }
-}
-
-impl fmt::Display for ServerVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.major, self.minor)
-    }
+/// What a kube-apiserver keeps of the fields scenarios write (found by
+/// asking it, e.g. with a dry-run create).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerSupport {
+    /// NetworkPolicy `spec.{ingress,egress}[].ports[].endPort`.
+    pub end_port: bool,
 }
 
 /// The NetworkPolicies of `scenario` whose ports use `endPort`, as
@@ -75,16 +47,16 @@ pub fn end_port_policies(scenario: &Scenario) -> Vec<String> {
     found
 }
 
-/// Why `scenario` cannot run against a kube-apiserver of `version`, if it
-/// cannot.
-pub fn unsupported_by(scenario: &Scenario, version: ServerVersion) -> Option<String> {
-    if version.keeps_end_port() {
+/// Why `scenario` cannot run against a kube-apiserver that keeps only
+/// what `support` says, if it cannot.
+pub fn unsupported_by(scenario: &Scenario, support: ServerSupport) -> Option<String> {
+    if support.end_port {
         return None;
     }
     let users = end_port_policies(scenario);
     (!users.is_empty()).then(|| {
         format!(
-            "the kube-apiserver {version} drops NetworkPolicy endPort (from 1.22), which {} uses",
+            "the kube-apiserver drops NetworkPolicy endPort (before 1.22), which {} uses",
             users.join(", ")
         )
     })
