@@ -206,7 +206,10 @@ impl Agent {
         command.arg("run").args(["--node", &options.node_name]);
         match source {
             AgentSource::Files => {
-                command.args(["--source", "files"]).arg("--dir").arg(&dirs.manifests);
+                command
+                    .args(["--source", "files"])
+                    .arg("--dir")
+                    .arg(&dirs.manifests);
                 for ip in &options.node_ips {
                     command.arg("--node-ip").arg(ip.to_string());
                 }

@@ -85,7 +85,11 @@ mod tests {
 
     #[test]
     fn package_variables() {
-        for name in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME", "CARGO_PKG_VERSION_MAJOR"] {
+        for name in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+        ] {
             assert!(is_package_variable(name), "{name}");
         }
         for name in ["CARGO", "CARGO_HOME", "CARGO_TARGET_DIR", "PATH"] {

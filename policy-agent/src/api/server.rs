@@ -232,11 +232,7 @@ impl status_server::Status for Api {
             0 => DEFAULT_WAIT,
             ms => Duration::from_millis(u64::from(ms)).min(MAX_WAIT),
         };
-        let revision = self
-            .handle
-            .sync(timeout)
-            .await
-            .map_err(command_status)?;
+        let revision = self.handle.sync(timeout).await.map_err(command_status)?;
         Ok(Response::new(proto::SyncResponse { revision }))
     }
 }

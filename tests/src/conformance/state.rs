@@ -127,7 +127,11 @@ impl<'a> ScenarioState<'a> {
             changes.push(Change::AddExternal(ext.clone()));
         }
         for (i, pod) in cluster.pods.iter().enumerate() {
-            let written = pod.ip.map(IpAddr::V4).into_iter().chain(pod.ip6.map(IpAddr::V6));
+            let written = pod
+                .ip
+                .map(IpAddr::V4)
+                .into_iter()
+                .chain(pod.ip6.map(IpAddr::V6));
             for ip in written.filter(|ip| config.node_ips.contains(ip)) {
                 errors.push(
                     Location::Pod(i),

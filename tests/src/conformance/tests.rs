@@ -1044,10 +1044,17 @@ fn scenarios_using_end_port_are_not_run_against_an_older_server() {
     let old = ServerSupport { end_port: false };
     let new = ServerSupport { end_port: true };
     let sctp = own("sctp-port-range");
-    assert_eq!(end_port_policies(&sctp).len(), 1, "{:?}", end_port_policies(&sctp));
+    assert_eq!(
+        end_port_policies(&sctp).len(),
+        1,
+        "{:?}",
+        end_port_policies(&sctp)
+    );
     let reason = unsupported_by(&sctp, old).expect("skipped without endPort");
     assert!(
-        reason.starts_with("the kube-apiserver drops NetworkPolicy endPort (before 1.22), which telco/"),
+        reason.starts_with(
+            "the kube-apiserver drops NetworkPolicy endPort (before 1.22), which telco/"
+        ),
         "{reason}"
     );
     assert!(reason.ends_with("(step 1) uses"), "{reason}");

@@ -5,9 +5,10 @@
 //! routed by the node, never registered with the agent), servers, services
 //! as DNAT rules, and the policy source the agent reads.
 //!
-//! Teardown ([`Drop`]): every pod is detached through the chain (DEL, the
-//! agent still running), then the source is cleared (the API server's
-//! objects of the scenario), then the fields go in order: servers, pod
+//! Teardown ([`Cluster::tear_down`], again on [`Drop`]): every pod is
+//! detached through the chain (DEL, the agent still running), then the
+//! source is cleared (the API server's objects of the scenario), then on
+//! drop the fields go in order: servers, pod
 //! namespaces, the API client, the agent (SIGKILL), its path to the API
 //! server, services, the CNI
 //! directories (configuration, IPAM store), the node namespace (bridge,
@@ -320,15 +321,29 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
+impl Cluster {
+    /// Detaches every pod through the chain (the agent still running) and
+    /// clears the source; returns what went wrong. The rest goes on drop.
+    pub fn tear_down(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
         for (name, pod) in std::mem::take(&mut self.pods).into_iter().rev() {
             if let Err(e) = self.network.del(&pod.attached) {
-                eprintln!("teardown: pod {name}: {e:#}");
+                problems.push(format!("pod {name}: {e:#}"));
             }
         }
         if let Err(e) = self.source.clear() {
-            eprintln!("teardown: clearing the policy source: {e:#}");
+            problems.push(format!("clearing the policy source: {e:#}"));
+        }
+        problems
+    }
+}
+
+impl Drop for Cluster {
+    /// Tears down what [`Cluster::tear_down`] has not (after an early
+    /// return or a panic).
+    fn drop(&mut self) {
+        for problem in self.tear_down() {
+            eprintln!("teardown: {problem}");
         }
     }
 }

@@ -21,7 +21,8 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use palisade_tests::conformance::{
-    Report, RunConfig, Scenario, ScenarioResult, load_file, scenario_paths, server_support,
+    Change, Plan, Report, RunConfig, Scenario, ScenarioResult, load_file, scenario_paths,
+    server_support,
 };
 use palisade_tests::kube::{etcd_binary, kube_apiserver_binary};
 
@@ -109,20 +110,18 @@ fn load(dirs: &[PathBuf], filter: Option<&str>) -> (Vec<Scenario>, Vec<ScenarioR
     (good, bad)
 }
 
-/// The default source: kube when its binaries are there.
-fn default_source() -> SourceKind {
+/// The default source: kube when its binaries are there; else files, and
+/// why.
+fn default_source() -> (SourceKind, Option<String>) {
     match (kube_apiserver_binary(), etcd_binary()) {
-        (Ok(_), Ok(_)) => SourceKind::Kube,
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("source: files ({e:#})");
-            SourceKind::Files
-        }
+        (Ok(_), Ok(_)) => (SourceKind::Kube, None),
+        (Err(e), _) | (_, Err(e)) => (SourceKind::Files, Some(format!("{e:#}"))),
     }
 }
 
 /// Carries out `changes` in order, stopping at the first error or when
 /// interrupted.
-fn apply_all(cluster: &mut Cluster, changes: &[palisade_tests::conformance::Change]) -> Result<()> {
+fn apply_all(cluster: &mut Cluster, changes: &[Change]) -> Result<()> {
     for change in changes {
         if interrupted() {
             anyhow::bail!("interrupted");
@@ -130,6 +129,36 @@ fn apply_all(cluster: &mut Cluster, changes: &[palisade_tests::conformance::Chan
         cluster.apply(change)?;
     }
     Ok(())
+}
+
+/// The setup and the steps of `plan` on `cluster`, recorded in `result`;
+/// stops at the first error.
+fn run_plan(
+    cluster: &mut Cluster,
+    plan: &Plan,
+    result: &mut ScenarioResult,
+    explained: &mut explain_check::Tally,
+) {
+    let setup = apply_all(cluster, &plan.setup);
+    if let Err(e) = setup.and_then(|()| cluster.wait_enforced()) {
+        result.record_error(format!("setup: {e:#}"));
+        return;
+    }
+    for step in &plan.steps {
+        let changed = apply_all(cluster, &step.changes);
+        if let Err(e) = changed.and_then(|()| cluster.wait_enforced()) {
+            result.record_error(format!("step {}: {e:#}", step.number));
+            return;
+        }
+        let node = cluster.node_addresses();
+        let observed = probes::run_all(&step.probes, node, |ep| cluster.source(ep));
+        let (tally, problems) = explain_check::check(cluster, &step.probes, &observed);
+        explained.add(tally);
+        for problem in problems {
+            result.record_error(format!("step {}: {problem}", step.number));
+        }
+        result.record_step(step, observed);
+    }
 }
 
 fn run_scenario(
@@ -150,32 +179,16 @@ fn run_scenario(
             return result;
         }
     };
-    let setup = apply_all(&mut cluster, &plan.setup);
-    if let Err(e) = setup.and_then(|()| cluster.wait_enforced()) {
-        result.record_error(format!("setup: {e:#}"));
-        return result;
-    }
-    for step in &plan.steps {
-        let changed = apply_all(&mut cluster, &step.changes);
-        if let Err(e) = changed.and_then(|()| cluster.wait_enforced()) {
-            result.record_error(format!("step {}: {e:#}", step.number));
-            return result;
-        }
-        let node = cluster.node_addresses();
-        let observed = probes::run_all(&step.probes, node, |ep| cluster.source(ep));
-        let (tally, problems) = explain_check::check(&mut cluster, &step.probes, &observed);
-        explained.add(tally);
-        for problem in problems {
-            result.record_error(format!("step {}: {problem}", step.number));
-        }
-        result.record_step(step, observed);
-    }
+    run_plan(&mut cluster, &plan, &mut result, explained);
     if std::env::var_os("PALISADE_CONFORMANCE_LOG").is_some() {
         eprintln!(
             "--- agent log of {}:\n{}",
             scenario.name,
             cluster.agent_log()
         );
+    }
+    for problem in cluster.tear_down() {
+        result.record_error(format!("teardown: {problem}"));
     }
     result
 }
@@ -184,9 +197,16 @@ fn run(args: &Args) -> Result<bool> {
     let started = Instant::now();
     let (scenarios, failed_loads) = load(&args.scenarios, args.filter.as_deref());
     let config = RunConfig::default();
-    let kube = match args.source.unwrap_or_else(default_source) {
+    let (source, why) = match args.source {
+        Some(source) => (source, None),
+        None => default_source(),
+    };
+    let kube = match source {
         SourceKind::Files => {
-            eprintln!("source: files (a manifest directory per scenario)");
+            match why {
+                Some(why) => eprintln!("source: files, as there is no kube-apiserver: {why}"),
+                None => eprintln!("source: files (a manifest directory per scenario)"),
+            }
             None
         }
         SourceKind::Kube if scenarios.is_empty() => None,

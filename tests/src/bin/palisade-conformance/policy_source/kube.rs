@@ -21,8 +21,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::Client;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
-    PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
 use palisade_tests::agent::AgentSource;
 use palisade_tests::conformance::{
@@ -215,8 +214,9 @@ impl ApiObjects {
         let key = &object.key;
         let resource = self.resource(object).await?;
         let api = self.api(&resource, key.namespace.as_deref());
-        let mut dynamic: DynamicObject = serde_json::from_value(serde_json::to_value(&object.value)?)
-            .with_context(|| format!("{key} as an API object"))?;
+        let mut dynamic: DynamicObject =
+            serde_json::from_value(serde_json::to_value(&object.value)?)
+                .with_context(|| format!("{key} as an API object"))?;
         let mut existed_with = None;
         match api.create(&PostParams::default(), &dynamic).await {
             Ok(_) => {}
@@ -286,7 +286,10 @@ impl ApiObjects {
         let first = ips
             .first()
             .ok_or_else(|| anyhow!("pod {pod} has no address"))?;
-        let all: Vec<Value> = ips.iter().map(|ip| json!({ "ip": ip.to_string() })).collect();
+        let all: Vec<Value> = ips
+            .iter()
+            .map(|ip| json!({ "ip": ip.to_string() }))
+            .collect();
         Api::<Pod>::namespaced(self.client.clone(), &pod.namespace)
             .patch_status(
                 &pod.name,
@@ -315,7 +318,8 @@ impl ApiObjects {
             let done = match original {
                 None => delete_namespace(&self.client, &namespace).await,
                 Some(labels) => {
-                    let mut wanted = DynamicObject::new(&namespace, &ApiResource::erase::<Namespace>(&()));
+                    let mut wanted =
+                        DynamicObject::new(&namespace, &ApiResource::erase::<Namespace>(&()));
                     wanted.metadata.labels = Some(labels);
                     relabel(&namespaces, &namespace, &wanted).await.map(drop)
                 }
@@ -340,7 +344,11 @@ async fn relabel(
     let had = current.metadata.labels.unwrap_or_default();
     let mut labels: BTreeMap<String, Value> =
         had.keys().map(|k| (k.clone(), Value::Null)).collect();
-    labels.extend(wanted_labels.into_iter().map(|(k, v)| (k, Value::String(v))));
+    labels.extend(
+        wanted_labels
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v))),
+    );
     api.patch(
         name,
         &PatchParams::default(),
