@@ -8,9 +8,8 @@
 //! Teardown ([`Cluster::tear_down`], again on [`Drop`]): every pod is
 //! detached through the chain (DEL, the agent still running), then the
 //! source is cleared (the API server's objects of the scenario), then on
-//! drop the fields go in order: servers, pod
-//! namespaces, the API client, the agent (SIGKILL), its path to the API
-//! server, services, the CNI
+//! drop the fields go in order: servers, pod namespaces, the API client,
+//! the agent (SIGKILL), its path to the API server, services, the CNI
 //! directories (configuration, IPAM store), the node namespace (bridge,
 //! externals, iptables rules), the agent's directories and pin directory.
 
@@ -319,9 +318,7 @@ impl Cluster {
         };
         Some(Source { netns })
     }
-}
 
-impl Cluster {
     /// Detaches every pod through the chain (the agent still running) and
     /// clears the source; returns what went wrong. The rest goes on drop.
     pub fn tear_down(&mut self) -> Vec<String> {
