@@ -8,7 +8,9 @@
 //!   drop (removing the pins detaches the links).
 //! * [`Agent`]: the agent process, run inside a topology's node namespace
 //!   (entered with `setns` before exec, so it shares the test's mounts and
-//!   bpffs), logging to a file; killed with SIGKILL on drop.
+//!   bpffs), logging to a file; killed with SIGKILL on drop. It reads the
+//!   manifest directory (`--source files`, the default) or a Kubernetes API
+//!   server ([`AgentSource::Kube`]).
 //! * [`manifest`]: YAML for namespaces, pods and policies.
 //! * [`dump_pinned_maps`]: the verdict maps as bpftool reads them, to
 //!   compare what two agents programmed.
@@ -83,19 +85,28 @@ impl AgentDirs {
         })
     }
 
-    /// Writes manifest `name` atomically (a hidden temporary file renamed),
-    /// so the agent never reads half a file.
+    /// Writes manifest `name` atomically; see [`write_manifest`].
     pub fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
-        let tmp = self.manifests.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, self.manifests.join(name))
-            .with_context(|| format!("renaming to {name}"))
+        write_manifest(&self.manifests, name, text)
     }
 
     /// Removes manifest `name`.
     pub fn remove_manifest(&self, name: &str) -> Result<()> {
-        std::fs::remove_file(self.manifests.join(name)).with_context(|| format!("removing {name}"))
+        remove_manifest(&self.manifests, name)
     }
+}
+
+/// Writes manifest `name` into `dir` atomically (a hidden temporary file
+/// renamed), so the agent never reads half a file.
+pub fn write_manifest(dir: &Path, name: &str, text: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("renaming to {name}"))
+}
+
+/// Removes manifest `name` of `dir`.
+pub fn remove_manifest(dir: &Path, name: &str) -> Result<()> {
+    std::fs::remove_file(dir.join(name)).with_context(|| format!("removing {name}"))
 }
 
 impl Drop for AgentDirs {
@@ -118,6 +129,7 @@ impl Drop for AgentDirs {
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub node_name: String,
+    /// The node's addresses (files source only).
     pub node_ips: Vec<IpAddr>,
     /// The network namespace to run it in (the topology's node namespace).
     pub netns: Option<PathBuf>,
@@ -125,7 +137,18 @@ pub struct AgentOptions {
     pub start_timeout: Duration,
 }
 
-/// A running `policy-agent run --source files`.
+/// Where the agent reads the cluster from.
+#[derive(Clone, Copy, Debug)]
+pub enum AgentSource<'a> {
+    /// `--source files`: the manifest directory of its [`AgentDirs`], and
+    /// `--node-ip` for each of [`AgentOptions::node_ips`].
+    Files,
+    /// `--source kube`, with `KUBECONFIG` set to this file; the node's
+    /// addresses come from its Node object.
+    Kube { kubeconfig: &'a Path },
+}
+
+/// A running `policy-agent run`.
 #[derive(Debug)]
 pub struct Agent {
     child: Option<Child>,
@@ -146,7 +169,7 @@ impl Agent {
         options: &AgentOptions,
         extra_args: &[String],
     ) -> Result<Self> {
-        Self::spawn(dirs, options, extra_args, false)
+        Self::spawn(dirs, options, AgentSource::Files, extra_args, false)
     }
 
     /// [`Agent::start`], in a process group of its own, and killed if the
@@ -154,12 +177,22 @@ impl Agent {
     /// group) reaches the caller alone, which can still ask the agent for
     /// its status before it stops it.
     pub fn start_detached(dirs: &AgentDirs, options: &AgentOptions) -> Result<Self> {
-        Self::spawn(dirs, options, &[], true)
+        Self::spawn(dirs, options, AgentSource::Files, &[], true)
+    }
+
+    /// [`Agent::start_detached`], reading the cluster from `source`.
+    pub fn start_detached_with(
+        dirs: &AgentDirs,
+        options: &AgentOptions,
+        source: AgentSource<'_>,
+    ) -> Result<Self> {
+        Self::spawn(dirs, options, source, &[], true)
     }
 
     fn spawn(
         dirs: &AgentDirs,
         options: &AgentOptions,
+        source: AgentSource<'_>,
         extra_args: &[String],
         detached: bool,
     ) -> Result<Self> {
@@ -170,11 +203,24 @@ impl Agent {
             .open(&dirs.log)
             .with_context(|| format!("opening {}", dirs.log.display()))?;
         let mut command = Command::new(&binary);
+        command.arg("run").args(["--node", &options.node_name]);
+        match source {
+            AgentSource::Files => {
+                command
+                    .args(["--source", "files"])
+                    .arg("--dir")
+                    .arg(&dirs.manifests);
+                for ip in &options.node_ips {
+                    command.arg("--node-ip").arg(ip.to_string());
+                }
+            }
+            AgentSource::Kube { kubeconfig } => {
+                command
+                    .args(["--source", "kube"])
+                    .env("KUBECONFIG", kubeconfig);
+            }
+        }
         command
-            .arg("run")
-            .args(["--source", "files", "--node", &options.node_name])
-            .arg("--dir")
-            .arg(&dirs.manifests)
             .arg("--pin-dir")
             .arg(&dirs.pin_dir)
             .arg("--state-dir")
@@ -189,9 +235,6 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        for ip in &options.node_ips {
-            command.arg("--node-ip").arg(ip.to_string());
-        }
         command.args(extra_args);
         // Kept open until spawn returns; entered in the child before exec.
         let netns = options

@@ -3,12 +3,14 @@
 //!
 //! * [`plugin_binary`] builds `palisade-cni` once per test process (`cargo
 //!   build -p policy-agent --bin palisade-cni`); `PALISADE_CNI_BIN`
-//!   overrides it.
+//!   overrides it. [`install`] runs its `install` command.
 //! * [`ConfList`]: a network configuration list, and the request each of
 //!   its plugins gets (`cniVersion` and `name` of the list, the plugin's
 //!   own fields, `prevResult`, `cni.dev/valid-attachments`).
 //! * [`Attachment`]: CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME and CNI_ARGS of
-//!   one pod (the Kubernetes arguments a kubelet's runtime passes).
+//!   one pod (the Kubernetes arguments a kubelet's runtime passes), and its
+//!   capability arguments (e.g. `ips`), passed as `runtimeConfig` to the
+//!   plugins that declare the capability.
 //! * [`Runtime`]: runs plugins from its CNI_PATH inside the node's network
 //!   namespace (entered with `setns` before exec): a whole chain (ADD in
 //!   order, DEL in reverse, CHECK, STATUS, GC) or one plugin of it, and
@@ -44,6 +46,39 @@ pub fn plugin_binary() -> Result<PathBuf> {
         })
         .clone()
         .map_err(|e| anyhow!("building palisade-cni: {e}"))
+}
+
+/// `palisade-cni install`, as the DaemonSet's init container runs it:
+/// copies the plugin into `bin_dir` and chains it, with `socket` and
+/// `timeout_seconds`, last in the first configuration of `conf_dir`.
+/// Returns what it printed.
+pub fn install(
+    conf_dir: &Path,
+    bin_dir: &Path,
+    socket: &Path,
+    timeout_seconds: f64,
+) -> Result<String> {
+    let plugin = plugin_binary()?;
+    let out = Command::new(&plugin)
+        .arg("install")
+        .arg("--conf-dir")
+        .arg(conf_dir)
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .arg("--socket")
+        .arg(socket)
+        .arg(format!("--timeout-seconds={timeout_seconds}"))
+        .output()
+        .with_context(|| format!("running {} install", plugin.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("palisade-cni install ({}): {text}", out.status);
+    }
+    Ok(text)
 }
 
 /// A network configuration list.
@@ -83,12 +118,30 @@ impl ConfList {
     /// The request configuration for plugin `index` (spec section 3,
     /// "Deriving request configuration from plugin configuration").
     pub fn request(&self, index: usize, prev_result: Option<&Value>) -> Value {
-        let mut request: Map<String, Value> = self.plugins()[index]
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
+        self.request_with(index, prev_result, &Map::new())
+    }
+
+    /// [`ConfList::request`] with the runtime's capability arguments: those
+    /// the plugin declares in `capabilities` go into its `runtimeConfig`
+    /// (spec section 3, "Deriving runtimeConfig").
+    pub fn request_with(
+        &self,
+        index: usize,
+        prev_result: Option<&Value>,
+        capability_args: &Map<String, Value>,
+    ) -> Value {
+        let plugin = &self.plugins()[index];
+        let mut request: Map<String, Value> = plugin.as_object().cloned().unwrap_or_default();
         request.insert("cniVersion".into(), self.doc["cniVersion"].clone());
         request.insert("name".into(), self.doc["name"].clone());
+        let runtime_config: Map<String, Value> = capability_args
+            .iter()
+            .filter(|(name, _)| plugin["capabilities"][name.as_str()] == Value::Bool(true))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        if !runtime_config.is_empty() {
+            request.insert("runtimeConfig".into(), Value::Object(runtime_config));
+        }
         if let Some(prev) = prev_result {
             request.insert("prevResult".into(), prev.clone());
         }
@@ -104,6 +157,8 @@ pub struct Attachment {
     pub ifname: String,
     /// CNI_ARGS, in order.
     pub args: Vec<(String, String)>,
+    /// Capability arguments (e.g. `ips`, `portMappings`).
+    pub capability_args: Map<String, Value>,
 }
 
 impl Attachment {
@@ -119,7 +174,15 @@ impl Attachment {
                 ("K8S_POD_NAME".into(), name.into()),
                 ("K8S_POD_INFRA_CONTAINER_ID".into(), container_id.into()),
             ],
+            capability_args: Map::new(),
         }
+    }
+
+    /// Adds a capability argument, e.g. `ips` with the addresses the pod
+    /// must get (host-local honours it).
+    pub fn with_capability(mut self, name: &str, value: Value) -> Self {
+        self.capability_args.insert(name.to_owned(), value);
+        self
     }
 
     /// Adds a CNI_ARGS pair (e.g. `IP` for host-local).
@@ -324,7 +387,7 @@ impl Runtime {
         attachment: &Attachment,
         prev_result: Option<&Value>,
     ) -> Result<Reply> {
-        let request = list.request(index, prev_result);
+        let request = list.request_with(index, prev_result, &attachment.capability_args);
         self.exec(
             list.plugin_type(index),
             &attachment.env(command),

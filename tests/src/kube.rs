@@ -32,6 +32,7 @@ use std::{
     future::Future,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -131,11 +132,25 @@ impl KubeApiServer {
     /// Like [`start`](Self::start), with further token users (no groups, no
     /// rights until a role is bound to them).
     pub fn start_with_users(users: &[&str]) -> Result<Self> {
+        Self::start_as(users, false)
+    }
+
+    /// Like [`start`](Self::start), with etcd and the API server in a
+    /// process group of their own and killed if the calling thread ends: a
+    /// terminal's Ctrl-C (SIGINT to the foreground process group) reaches
+    /// the caller alone, which can still use the server while it tears
+    /// down. Call it from a thread that lives as long as the server should
+    /// (e.g. the main thread).
+    pub fn start_detached() -> Result<Self> {
+        Self::start_as(&[], true)
+    }
+
+    fn start_as(users: &[&str], detached: bool) -> Result<Self> {
         let apiserver = kube_apiserver_binary()?;
         let etcd = etcd_binary()?;
         let mut last = None;
         for attempt in 1..=ATTEMPTS {
-            match Self::try_start(&apiserver, &etcd, users) {
+            match Self::try_start(&apiserver, &etcd, users, detached) {
                 Ok(server) => return Ok(server),
                 Err(StartError::Retry(err)) if attempt < ATTEMPTS => {
                     eprintln!(
@@ -149,7 +164,12 @@ impl KubeApiServer {
         Err(last.unwrap_or_else(|| anyhow!("no attempt made")))
     }
 
-    fn try_start(apiserver: &Path, etcd: &Path, users: &[&str]) -> Result<Self, StartError> {
+    fn try_start(
+        apiserver: &Path,
+        etcd: &Path,
+        users: &[&str],
+        detached: bool,
+    ) -> Result<Self, StartError> {
         let dir = tempfile::Builder::new()
             .prefix("palisade-kube-")
             .tempdir()
@@ -206,6 +226,7 @@ impl KubeApiServer {
                 // A test's data is small; etcd's default quota is 2 GiB.
                 .arg("--quota-backend-bytes=268435456"),
             &path.join("etcd.log"),
+            detached,
         )
         .map_err(StartError::Fatal)?;
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -243,6 +264,7 @@ impl KubeApiServer {
                 .arg("--endpoint-reconciler-type=none")
                 .arg("--profiling=false"),
             &apiserver_log,
+            detached,
         ) {
             Ok(child) => child,
             Err(err) => {
@@ -473,6 +495,101 @@ impl KubeApiServer {
     }
 }
 
+/// The agent's identity, as `manifests/rbac.yaml` binds it.
+pub const AGENT_USER: &str = "system:serviceaccount:palisade-system:palisade-agent";
+
+/// How long a new role binding may take to be in effect.
+const RBAC_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl KubeApiServer {
+    /// Applies the agent's `manifests/namespace.yaml` and `manifests/rbac.yaml`
+    /// with kubectl: its namespace, ServiceAccount ([`AGENT_USER`]) and
+    /// least-privilege ClusterRole.
+    pub fn apply_agent_manifests(&self) -> Result<()> {
+        let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+        let out = self
+            .kubectl()
+            .arg("apply")
+            .arg("-f")
+            .arg(manifests.join("namespace.yaml"))
+            .arg("-f")
+            .arg(manifests.join("rbac.yaml"))
+            .output()
+            .context("running kubectl")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl apply of the agent's manifests: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// A kubeconfig for the agent's ServiceAccount, once its role (see
+    /// [`apply_agent_manifests`](Self::apply_agent_manifests)) is in effect.
+    pub fn agent_kubeconfig(&self) -> Result<PathBuf> {
+        let path = self.kubeconfig_for(AGENT_USER)?;
+        block_on(async {
+            let client = self.client_as(AGENT_USER)?;
+            wait_for_agent_rbac(&client).await
+        })?;
+        Ok(path)
+    }
+}
+
+/// Waits until `client` (the agent's identity) may list what the agent
+/// watches: the authorizer's cache lags behind a new binding.
+pub async fn wait_for_agent_rbac(client: &kube::Client) -> Result<()> {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use kube::api::ListParams;
+    let deadline = Instant::now() + RBAC_TIMEOUT;
+    let probe = ListParams::default().limit(1);
+    loop {
+        let pods = Api::<Pod>::all(client.clone()).list(&probe).await;
+        let policies = Api::<NetworkPolicy>::all(client.clone()).list(&probe).await;
+        let namespaces = Api::<Namespace>::all(client.clone()).list(&probe).await;
+        let nodes = Api::<Node>::all(client.clone()).list(&probe).await;
+        if pods.is_ok() && policies.is_ok() && namespaces.is_ok() && nodes.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent's role is not in effect after {RBAC_TIMEOUT:?}: pods {:?}, networkpolicies {:?}, namespaces {:?}, nodes {:?}",
+                pods.err(),
+                policies.err(),
+                namespaces.err(),
+                nodes.err()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Deletes a namespace the way the namespace controller (which this fixture
+/// does not run) would finish it: delete, empty its finalizers, delete
+/// again. Its contents must be deleted first: nothing else will.
+pub async fn delete_namespace(client: &kube::Client, name: &str) -> Result<()> {
+    use kube::api::DeleteParams;
+    let namespaces = Api::<Namespace>::all(client.clone());
+    namespaces.delete(name, &DeleteParams::default()).await?;
+    let Some(mut ns) = namespaces.get_opt(name).await? else {
+        return Ok(());
+    };
+    if let Some(spec) = ns.spec.as_mut() {
+        spec.finalizers = Some(Vec::new());
+    }
+    let request = http::Request::put(format!("/api/v1/namespaces/{name}/finalize"))
+        .header("Content-Type", "application/json")
+        .body(serde_json::to_vec(&ns)?)?;
+    client.request::<Namespace>(request).await?;
+    if namespaces.get_opt(name).await?.is_some() {
+        let _ = namespaces.delete(name, &DeleteParams::default()).await;
+    }
+    Ok(())
+}
+
 impl Drop for KubeApiServer {
     fn drop(&mut self) {
         stop(&mut self.apiserver);
@@ -517,9 +634,21 @@ fn free_ports() -> Result<[u16; 3]> {
     Ok(ports)
 }
 
-fn spawn_logged(command: &mut Command, log: &Path) -> Result<Child> {
+fn spawn_logged(command: &mut Command, log: &Path, detached: bool) -> Result<Child> {
     let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
+    if detached {
+        command.process_group(0);
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     command
         .stdin(Stdio::null())
         .stdout(out)

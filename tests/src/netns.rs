@@ -1354,6 +1354,118 @@ impl Drop for UdpEchoServer {
     }
 }
 
+/// Forwards the TCP connections made to an address inside a namespace to
+/// an address reached from the caller's namespace: a process in a node
+/// namespace (the agent) reaches a server on the test machine's loopback
+/// (a kube-apiserver) with no interface in the root namespace. Stops, and
+/// closes every forwarded connection, on drop.
+#[derive(Debug)]
+pub struct TcpForwarder {
+    local: SocketAddr,
+    stop: Arc<AtomicBool>,
+    /// Both ends of every connection, to shut them down on drop.
+    streams: Arc<Mutex<Vec<TcpStream>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpForwarder {
+    /// Listens on `listen` inside `netns` and connects each connection to
+    /// `upstream` from the caller's namespace.
+    pub fn start(netns: &Netns, listen: SocketAddr, upstream: SocketAddr) -> Result<Self> {
+        let listener = netns
+            .run(|| TcpListener::bind(listen))
+            .with_context(|| format!("TCP listen on {listen} in netns {}", netns.name()))?;
+        listener.set_nonblocking(true)?;
+        let local = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let streams = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, streams) = (stop.clone(), streams.clone());
+            std::thread::Builder::new()
+                .name(format!("tcp-forward:{local}"))
+                .spawn(move || Self::accept_loop(&listener, upstream, &stop, &streams))?
+        };
+        Ok(Self {
+            local,
+            stop,
+            streams,
+            thread: Some(thread),
+        })
+    }
+
+    fn accept_loop(
+        listener: &TcpListener,
+        upstream: SocketAddr,
+        stop: &AtomicBool,
+        streams: &Mutex<Vec<TcpStream>>,
+    ) {
+        while !stop.load(Ordering::Relaxed) {
+            let _ = wait_fd(listener, PollFlags::POLLIN, Instant::now() + POLL_SLICE);
+            let client = match listener.accept() {
+                Ok((client, _)) => client,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                    continue;
+                }
+                Err(e) => {
+                    eprintln!("palisade-tests: TCP forwarder accept: {e}");
+                    std::thread::sleep(POLL_SLICE);
+                    continue;
+                }
+            };
+            // A refused upstream closes the client's connection, as the
+            // upstream itself would.
+            let Ok(server) = TcpStream::connect_timeout(&upstream, Duration::from_secs(5)) else {
+                continue;
+            };
+            let _ = client.set_nonblocking(false);
+            let pipes = (|| -> std::io::Result<()> {
+                let mut kept = streams.lock().unwrap_or_else(|e| e.into_inner());
+                kept.push(client.try_clone()?);
+                kept.push(server.try_clone()?);
+                Self::pipe(client.try_clone()?, server.try_clone()?)?;
+                Self::pipe(server, client)
+            })();
+            if let Err(e) = pipes {
+                eprintln!("palisade-tests: TCP forwarder: {e}");
+            }
+        }
+    }
+
+    /// Copies `from` to `to` on a thread of its own until EOF or an error,
+    /// then half-closes `to`.
+    fn pipe(mut from: TcpStream, mut to: TcpStream) -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name("tcp-forward-pipe".into())
+            .spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(Shutdown::Write);
+            })
+            .map(drop)
+    }
+
+    /// The address listened on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+impl Drop for TcpForwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for stream in self
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // PacketSocket
 // ---------------------------------------------------------------------------

@@ -19,6 +19,11 @@ pub fn build(bin: &str, override_var: &str) -> Result<PathBuf> {
         .to_owned();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_package_variable) {
+            command.env_remove(name);
+        }
+    }
     command
         .args([
             "build",
@@ -55,4 +60,40 @@ pub fn build(bin: &str, override_var: &str) -> Result<PathBuf> {
         bail!("cargo build --bin {bin} failed ({status})");
     }
     executable.with_context(|| format!("cargo build did not report the {bin} executable"))
+}
+
+/// Whether `name` is one of the variables cargo sets for the package it
+/// runs (`cargo test`, `cargo run`). A build started from inside one (a
+/// test, the conformance runner) must not inherit them: build scripts that
+/// watch them (ring's watches `CARGO_MANIFEST_DIR`) would run again, and
+/// everything built on them would be rebuilt, here and at the next plain
+/// `cargo build`.
+fn is_package_variable(name: &str) -> bool {
+    matches!(
+        name,
+        "CARGO_MANIFEST_DIR"
+            | "CARGO_MANIFEST_PATH"
+            | "CARGO_CRATE_NAME"
+            | "CARGO_BIN_NAME"
+            | "CARGO_PRIMARY_PACKAGE"
+    ) || name.starts_with("CARGO_PKG_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_package_variable;
+
+    #[test]
+    fn package_variables() {
+        for name in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+        ] {
+            assert!(is_package_variable(name), "{name}");
+        }
+        for name in ["CARGO", "CARGO_HOME", "CARGO_TARGET_DIR", "PATH"] {
+            assert!(!is_package_variable(name), "{name}");
+        }
+    }
 }

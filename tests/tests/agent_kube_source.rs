@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,19 +20,18 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
-use palisade_tests::kube::KubeApiServer;
+use palisade_tests::kube::{AGENT_USER, KubeApiServer, delete_namespace, wait_for_agent_rbac};
 use policy_agent::agent::diagnostics::DiagnosticSink;
 use policy_agent::agent::events::EventSink;
 use policy_agent::compile::{IdentityAllocator, NodeScope, compile};
 use policy_agent::model::{ClusterState, Diagnostic, DiagnosticCode, ObjectKind, ObjectRef};
+use policy_agent::source::kube::KubeSource;
 use policy_agent::source::{Kind, Object, Objects, SourceUpdate};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-/// The agent's identity, as `manifests/rbac.yaml` binds it.
-const AGENT: &str = "system:serviceaccount:palisade-system:palisade-agent";
 /// The node the agent under test runs on.
 const NODE: &str = "node-a";
 /// How long one expected update (or Event) may take.
@@ -43,36 +41,10 @@ fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
     serde_json::from_value(value).expect("a valid object")
 }
 
-fn manifest(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../manifests")
-        .join(name)
-}
-
-/// Applies `manifests/namespace.yaml` and `manifests/rbac.yaml` with kubectl.
-fn apply_manifests(api: &KubeApiServer) -> Result<()> {
-    let out = api
-        .kubectl()
-        .arg("apply")
-        .arg("-f")
-        .arg(manifest("namespace.yaml"))
-        .arg("-f")
-        .arg(manifest("rbac.yaml"))
-        .output()
-        .context("running kubectl")?;
-    ensure!(
-        out.status.success(),
-        "kubectl apply: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 /// A client for the agent's ServiceAccount, talking to `server` (the API
 /// server itself or the proxy in front of it).
 async fn agent_client(api: &KubeApiServer, server: &str) -> Result<Client> {
-    let mut kubeconfig = Kubeconfig::read_from(api.kubeconfig_for(AGENT)?)?;
+    let mut kubeconfig = Kubeconfig::read_from(api.kubeconfig_for(AGENT_USER)?)?;
     for cluster in &mut kubeconfig.clusters {
         if let Some(c) = cluster.cluster.as_mut() {
             c.server = Some(server.to_owned());
@@ -80,26 +52,6 @@ async fn agent_client(api: &KubeApiServer, server: &str) -> Result<Client> {
     }
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
     Ok(Client::try_from(config)?)
-}
-
-/// Waits until the agent's RBAC is in effect (the authorizer's cache lags
-/// behind the binding).
-async fn wait_for_rbac(agent: &Client) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let probe = ListParams::default().limit(1);
-    loop {
-        let pods = Api::<Pod>::all(agent.clone()).list(&probe).await;
-        let policies = Api::<NetworkPolicy>::all(agent.clone()).list(&probe).await;
-        let namespaces = Api::<Namespace>::all(agent.clone()).list(&probe).await;
-        let nodes = Api::<Node>::all(agent.clone()).list(&probe).await;
-        if pods.is_ok() && policies.is_ok() && namespaces.is_ok() && nodes.is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the agent's role is not in effect: pods {pods:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// A TCP proxy in front of the API server that can drop every connection
@@ -225,6 +177,19 @@ impl Updates {
             }
             self.pending.push_back(update);
         }
+    }
+
+    /// The next update of `stream` if it is already in the channel.
+    fn ready(&mut self, stream: Stream) -> Result<SourceUpdate> {
+        while let Ok(update) = self.rx.try_recv() {
+            self.pending.push_back(update);
+        }
+        let i = self
+            .pending
+            .iter()
+            .position(|u| stream_of(u) == stream)
+            .with_context(|| format!("no {stream:?} update in the channel"))?;
+        Ok(self.pending.remove(i).expect("present"))
     }
 
     /// Asserts that no update of `stream` arrives within `quiet`.
@@ -398,31 +363,12 @@ async fn set_node_addresses(nodes: &Api<Node>, addresses: serde_json::Value) -> 
     Ok(())
 }
 
-/// Deletes a namespace the way the namespace controller would: delete,
-/// empty its finalizers, delete again.
-async fn delete_namespace(client: &Client, name: &str) -> Result<()> {
-    let namespaces = Api::<Namespace>::all(client.clone());
-    namespaces.delete(name, &DeleteParams::default()).await?;
-    let mut ns = namespaces.get(name).await?;
-    if let Some(spec) = ns.spec.as_mut() {
-        spec.finalizers = Some(Vec::new());
-    }
-    let request = http::Request::put(format!("/api/v1/namespaces/{name}/finalize"))
-        .header("Content-Type", "application/json")
-        .body(serde_json::to_vec(&ns)?)?;
-    client.request::<Namespace>(request).await?;
-    if namespaces.get_opt(name).await?.is_some() {
-        let _ = namespaces.delete(name, &DeleteParams::default()).await;
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_source_lists_watches_and_relists_with_least_privilege() -> Result<()> {
     let started = Instant::now();
     let api = KubeApiServer::start()?;
     let admin = api.client()?;
-    apply_manifests(&api)?;
+    api.apply_agent_manifests()?;
     let pp = PostParams::default();
 
     // The cluster before the agent starts: a namespace, a pod of this node
@@ -460,7 +406,7 @@ async fn kube_source_lists_watches_and_relists_with_least_privilege() -> Result<
     // The agent: its ServiceAccount with the manifests' role, through a proxy.
     let proxy = Proxy::start(api.url()).await?;
     let agent = agent_client(&api, &proxy.url()).await?;
-    wait_for_rbac(&agent).await?;
+    wait_for_agent_rbac(&agent).await?;
     // Least privilege: nothing beyond what the agent needs.
     let denied = Api::<k8s_openapi::api::core::v1::Secret>::all(agent.clone())
         .list(&ListParams::default())
@@ -478,7 +424,8 @@ async fn kube_source_lists_watches_and_relists_with_least_privilege() -> Result<
     );
 
     let (tx, rx) = mpsc::channel(64);
-    let source = tokio::spawn(policy_agent::source::kube::run(agent, NODE.to_owned(), tx));
+    let (kube_source, catch_up) = KubeSource::new(agent, NODE.to_owned());
+    let source = tokio::spawn(kube_source.run(tx));
     let mut updates = Updates {
         rx,
         pending: VecDeque::new(),
@@ -654,7 +601,31 @@ async fn kube_source_lists_watches_and_relists_with_least_privilege() -> Result<
     updates.none(Stream::Node, Duration::from_secs(2)).await?;
     eprintln!("watch events checked after {:?}", started.elapsed());
 
-    // 6. The connection is lost (every connection dropped, new ones refused
+    // 6. Catching up (the API's Sync): once it returns, what was written
+    //    before is already in the channel; with nothing written since, it
+    //    returns as well (every kind idle: no event is due).
+    shop_policies
+        .create(&pp, &deny_ingress("sync-check", "sync"))
+        .await?;
+    tokio::time::timeout(WAIT, catch_up.catch_up()).await??;
+    let p = updates.ready(Stream::Policies)?;
+    ensure!(
+        matches!(&p, SourceUpdate::Apply(Object::NetworkPolicy(p)) if names([&**p]) == set(["shop/sync-check"])),
+        "{p:?}"
+    );
+    tokio::time::timeout(WAIT, catch_up.catch_up()).await??;
+    updates.none(Stream::Policies, Duration::ZERO).await?;
+    shop_policies
+        .delete("sync-check", &DeleteParams::default())
+        .await?;
+    tokio::time::timeout(WAIT, catch_up.catch_up()).await??;
+    let (kind, key) = match updates.ready(Stream::Policies)? {
+        SourceUpdate::Delete(kind, key) => (kind, key),
+        other => bail!("expected a Delete, got {other:?}"),
+    };
+    ensure!(kind == Kind::NetworkPolicy && key == ObjectRef::new("shop", "sync-check"));
+
+    // 7. The connection is lost (every connection dropped, new ones refused
     //    for 3 s, as during an API server restart); the cluster changes
     //    meanwhile; when the API server is reachable again, every watch
     //    starts over with a fresh list whose Replace holds the current
@@ -766,7 +737,7 @@ async fn wait_events(client: &Client, ns: &str, name: &str) -> Result<Vec<events
 async fn event_sink_reports_diagnostics_once_on_the_object() -> Result<()> {
     let api = KubeApiServer::start()?;
     let admin = api.client()?;
-    apply_manifests(&api)?;
+    api.apply_agent_manifests()?;
     let pp = PostParams::default();
     Api::<Namespace>::all(admin.clone())
         .create(&pp, &namespace("shop", json!({})))
@@ -814,8 +785,8 @@ async fn event_sink_reports_diagnostics_once_on_the_object() -> Result<()> {
         "expected one duplicate_pod_ip diagnostic about dup-b: {found:#?}"
     );
 
-    let agent = api.client_as(AGENT)?;
-    wait_for_rbac(&agent).await?;
+    let agent = api.client_as(AGENT_USER)?;
+    wait_for_agent_rbac(&agent).await?;
     let sink_a = EventSink::new(agent.clone(), NODE.to_owned());
     // The pod diagnostic first: node-a's agent must skip it (the pod runs on
     // node-b); once the policy's Event exists, it has been handled.

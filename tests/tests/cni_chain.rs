@@ -20,7 +20,6 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -343,26 +342,9 @@ impl Pod {
 /// `palisade-cni install` as the init container runs it; twice, the second
 /// time changing nothing.
 fn install(conf_dir: &Path, bin_dir: &Path, socket: &Path) {
-    let plugin = cni::plugin_binary().expect("palisade-cni");
     let run = || {
-        let out = Command::new(&plugin)
-            .arg("install")
-            .arg("--conf-dir")
-            .arg(conf_dir)
-            .arg("--bin-dir")
-            .arg(bin_dir)
-            .arg("--socket")
-            .arg(socket)
-            .arg(format!("--timeout-seconds={PLUGIN_TIMEOUT_SECS}"))
-            .output()
-            .expect("running palisade-cni install");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "palisade-cni install: {text}");
-        text
+        cni::install(conf_dir, bin_dir, socket, PLUGIN_TIMEOUT_SECS)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     };
     let first = run();
     assert!(first.contains("chained palisade-cni last"), "{first}");

@@ -1,7 +1,9 @@
 //! `cargo xtask conformance`: builds the classifier, then runs
 //! `palisade-conformance` (tests/src/bin/palisade-conformance) as root on the
 //! reachability scenarios: by default `tests/scenarios` and, when present,
-//! `../shared/scenarios/netpol` (relative to the workspace root).
+//! `../shared/scenarios/netpol` (relative to the workspace root). The agent
+//! reads a real kube-apiserver when `cargo xtask setup` has built one, a
+//! manifest directory otherwise (`--source` picks).
 
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
@@ -20,9 +22,10 @@ pub struct Options {
     /// tests/scenarios and ../shared/scenarios/netpol when present).
     #[arg(long = "scenarios", value_name = "DIR")]
     pub scenarios: Vec<PathBuf>,
-    /// Where the agent reads the cluster from: `files` or `kube`.
-    #[arg(long, default_value = "files")]
-    pub source: String,
+    /// Where the agent reads the cluster from: `files` or `kube` (default:
+    /// kube when a kube-apiserver and etcd are available, else files).
+    #[arg(long, value_parser = ["files", "kube"])]
+    pub source: Option<String>,
     /// Run only scenarios whose name or file name contains NAME.
     #[arg(long, value_name = "NAME")]
     pub filter: Option<String>,
@@ -61,11 +64,12 @@ pub fn run(opts: &Options) -> Result<()> {
         "--bin",
         "palisade-conformance",
         "--",
-        "--source",
     ]
     .map(str::to_owned)
     .to_vec();
-    args.push(opts.source.clone());
+    if let Some(source) = &opts.source {
+        args.extend(["--source".to_owned(), source.clone()]);
+    }
     for dir in &dirs {
         args.push("--scenarios".into());
         args.push(dir.display().to_string());

@@ -50,6 +50,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    util::forget_package_variables();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Setup(opts) => setup::run(opts),

@@ -1,7 +1,9 @@
 //! `cargo xtask test`: builds the classifier, then runs the workspace's tests
 //! (which load it into the running kernel, hence root), then, for a full run
-//! (no cargo arguments), the conformance scenarios of `tests/scenarios` and
-//! `../shared/scenarios/netpol` with the files source.
+//! (no cargo arguments), the conformance scenarios: those of `tests/scenarios`
+//! and `../shared/scenarios/netpol` with the files source, then the same
+//! with the kube source (a real kube-apiserver, built by `cargo xtask
+//! setup`).
 
 use anyhow::Result;
 
@@ -39,32 +41,42 @@ pub fn run(opts: &Options) -> Result<()> {
     conformance()
 }
 
-/// The scenarios, with the runner built by the test run above; its last
-/// line is `N passed, N failed` (scenarios).
+/// The scenarios with each source, with the runner built by the test run
+/// above; each run's last line is `N passed, N failed[, N skipped]`
+/// (scenarios). Both runs happen; the task fails if either did.
 fn conformance() -> Result<()> {
     let root = util::workspace_root();
-    let mut run = cmd!(
-        util::cargo(),
-        "run",
-        "--quiet",
-        "--package",
-        "palisade-tests",
-        "--bin",
-        "palisade-conformance",
-        "--",
-        "--source",
-        "files"
-    );
+    let mut dirs = Vec::new();
     for dir in [
         root.join("tests/scenarios"),
         root.join("../shared/scenarios/netpol"),
     ] {
         match dir.canonicalize() {
-            Ok(dir) if dir.is_dir() => run = run.arg("--scenarios").arg(dir),
+            Ok(dir) if dir.is_dir() => dirs.push(dir),
             _ => eprintln!("conformance: {} not found, skipped", dir.display()),
         }
     }
-    run.current_dir(root).run()
+    let run = |source: &str| {
+        let mut run = cmd!(
+            util::cargo(),
+            "run",
+            "--quiet",
+            "--package",
+            "palisade-tests",
+            "--bin",
+            "palisade-conformance",
+            "--",
+            "--source",
+            source
+        );
+        for dir in &dirs {
+            run = run.arg("--scenarios").arg(dir);
+        }
+        run.current_dir(&root).run()
+    };
+    let files = run("files");
+    let kube = run("kube");
+    files.and(kube)
 }
 
 /// Whether the user picked packages (`-p`/`--package`) before any `--`: then

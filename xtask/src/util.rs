@@ -26,6 +26,35 @@ macro_rules! cmd {
 }
 pub(crate) use cmd;
 
+/// Removes from this process's environment the variables `cargo run` set
+/// for the xtask package (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...), so that
+/// the cargo commands the tasks run see the environment of a plain `cargo`
+/// in a shell: build scripts that watch them (ring's watches
+/// `CARGO_MANIFEST_DIR`) would otherwise run again, and everything built on
+/// them be rebuilt, at every switch between `cargo xtask` and `cargo`.
+/// Call it first thing in `main`, before any thread exists.
+pub fn forget_package_variables() {
+    let names: Vec<OsString> = env::vars_os()
+        .map(|(name, _)| name)
+        .filter(|name| {
+            name.to_str().is_some_and(|n| {
+                matches!(
+                    n,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                ) || n.starts_with("CARGO_PKG_")
+            })
+        })
+        .collect();
+    for name in names {
+        // SAFETY: called at the start of main, while the process has one thread.
+        unsafe { env::remove_var(name) };
+    }
+}
+
 /// A command that failed: carries the exit code so that `main` can exit with
 /// the same status (e.g. `cargo xtask test` exits like `cargo test`).
 #[derive(Debug)]

@@ -13,6 +13,7 @@ use super::status::{Snapshot, WaitState};
 use crate::explain::{ExplainError, Explanation, Query};
 use crate::flows::FlowHub;
 use crate::source::files::FilesHandle;
+use crate::source::kube::{CatchUpError, KubeHandle};
 
 /// A request to the reconciler.
 #[derive(Debug)]
@@ -70,6 +71,10 @@ pub enum CommandError {
     NotCompiled(String),
     #[error(transparent)]
     Explain(#[from] ExplainError),
+    #[error("cannot catch up with the Kubernetes API server: {0}")]
+    CatchUp(#[from] CatchUpError),
+    #[error("the source did not catch up within {0:?}")]
+    SyncTimeout(Duration),
     #[error("the agent is stopping")]
     Stopped,
 }
@@ -94,6 +99,7 @@ pub struct AgentHandle {
     pub(crate) status: watch::Receiver<Arc<Snapshot>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) files: Option<FilesHandle>,
+    pub(crate) kube: Option<KubeHandle>,
     pub(crate) started: Instant,
     pub(crate) boot_id: String,
     pub(crate) flows: Arc<FlowHub>,
@@ -129,14 +135,24 @@ impl AgentHandle {
         self.call(|tx| Command::Explain(query, tx)).await?
     }
 
-    /// Has the source re-read what it can, then returns the revision that
-    /// includes it.
-    pub async fn sync(&self) -> Result<u64, CommandError> {
-        if let Some(files) = &self.files
-            && !files.rescan().await
-        {
-            return Err(CommandError::Stopped);
-        }
+    /// Has the source re-read what it can (files: a re-scan; kube: catch
+    /// up with what the API server holds now), within `timeout`, then
+    /// returns the revision that includes it.
+    pub async fn sync(&self, timeout: Duration) -> Result<u64, CommandError> {
+        let source = async {
+            if let Some(files) = &self.files
+                && !files.rescan().await
+            {
+                return Err(CommandError::Stopped);
+            }
+            if let Some(kube) = &self.kube {
+                kube.catch_up().await?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(timeout, source)
+            .await
+            .map_err(|_| CommandError::SyncTimeout(timeout))??;
         self.call(Command::Revision).await
     }
 

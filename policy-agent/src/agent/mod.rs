@@ -38,6 +38,7 @@ use self::store::StateStore;
 use crate::flows::{FlowHub, FlowPipeline};
 use crate::source::SourceUpdate;
 use crate::source::files::FilesSource;
+use crate::source::kube::KubeSource;
 
 /// Where the cluster comes from.
 #[derive(Clone, Debug)]
@@ -100,6 +101,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // The source, and its diagnostic sinks.
     let mut sinks: Vec<Arc<dyn DiagnosticSink>> = Vec::new();
     let mut files = None;
+    let mut kube = None;
     let source_task = match &config.source {
         SourceConfig::Files { dir, node_ips } => {
             let (source, handle) = FilesSource::new(dir.clone(), node_ips.clone());
@@ -114,8 +116,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 client.clone(),
                 config.node_name.clone(),
             )));
-            let node_name = config.node_name.clone();
-            tokio::spawn(crate::source::kube::run(client, node_name, source_tx))
+            let (source, handle) = KubeSource::new(client, config.node_name.clone());
+            kube = Some(handle);
+            tokio::spawn(source.run(source_tx))
         }
     };
 
@@ -185,6 +188,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         status,
         metrics,
         files,
+        kube,
         started,
         boot_id: boot_id(),
         flows,

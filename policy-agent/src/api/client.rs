@@ -211,15 +211,24 @@ impl Client {
     }
 
     /// `Status.Sync`: the revision that includes everything the source
-    /// holds now.
+    /// holds now (the agent's default time to catch up).
     pub fn sync(&mut self) -> Result<u64, ClientError> {
-        let call = self.status.sync(proto::SyncRequest {});
+        self.sync_within(Duration::ZERO)
+    }
+
+    /// `Status.Sync`, letting the source take up to `timeout` to catch up
+    /// (zero: the agent's default).
+    pub fn sync_within(&mut self, timeout: Duration) -> Result<u64, ClientError> {
+        let call = self.status.sync(proto::SyncRequest {
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        });
         Ok(self.runtime.block_on(call)?.into_inner().revision)
     }
 
-    /// Sync, then wait until that revision is enforced for the node.
+    /// Sync, then wait until that revision is enforced for the node (each
+    /// within `timeout`).
     pub fn sync_and_wait(&mut self, timeout: Duration) -> Result<u64, ClientError> {
-        let revision = self.sync()?;
+        let revision = self.sync_within(timeout)?;
         self.wait_enforced(None, revision, timeout)
     }
 

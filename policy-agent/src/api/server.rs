@@ -15,8 +15,10 @@ use super::proto::{self, endpoints_server, explain_server, status_server};
 use crate::agent::endpoints::RegistryError;
 use crate::agent::handle::{AgentHandle, CommandError, WaitError};
 use crate::explain::ExplainError;
+use crate::source::kube::CatchUpError;
 
-/// How long WaitEnforced waits when the request says 0.
+/// How long WaitEnforced waits, and Sync lets the source take, when the
+/// request says 0.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// The longest wait a request may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -113,7 +115,11 @@ fn command_status(e: CommandError) -> Status {
             Status::not_found(message)
         }
         CommandError::Explain(ExplainError::NoNodeAddress) => Status::failed_precondition(message),
-        CommandError::Stopped => Status::unavailable(message),
+        CommandError::CatchUp(CatchUpError::List { .. }) => Status::unavailable(message),
+        CommandError::SyncTimeout(_) => Status::deadline_exceeded(message),
+        CommandError::Stopped | CommandError::CatchUp(CatchUpError::Stopped) => {
+            Status::unavailable(message)
+        }
     }
 }
 
@@ -220,9 +226,13 @@ impl status_server::Status for Api {
 
     async fn sync(
         &self,
-        _request: Request<proto::SyncRequest>,
+        request: Request<proto::SyncRequest>,
     ) -> Result<Response<proto::SyncResponse>, Status> {
-        let revision = self.handle.sync().await.map_err(command_status)?;
+        let timeout = match request.into_inner().timeout_ms {
+            0 => DEFAULT_WAIT,
+            ms => Duration::from_millis(u64::from(ms)).min(MAX_WAIT),
+        };
+        let revision = self.handle.sync(timeout).await.map_err(command_status)?;
         Ok(Response::new(proto::SyncResponse { revision }))
     }
 }

@@ -28,8 +28,13 @@
 //! * Lists are served from the API server's watch cache
 //!   (`resourceVersion=0`, as client-go informers list), not read from etcd:
 //!   every node's agent lists every pod.
+//! * [`KubeHandle::catch_up`] (the API's `Sync`) lists each kind once more
+//!   with a consistent read (metadata only) and returns once every watch
+//!   has sent what that list holds ([`progress`]): then the reconciler has
+//!   everything the API server had when `Sync` was asked.
 
 pub mod node;
+pub mod progress;
 pub mod track;
 pub mod trim;
 
@@ -38,15 +43,19 @@ use std::pin::pin;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::future::try_join_all;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
+use kube::api::ListParams;
 use kube::core::DeserializeGuard;
 use kube::runtime::watcher::{self, DefaultBackoff, Event};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc::Sender;
+use tokio::sync::mpsc::{self, Receiver, Sender};
+use tokio::sync::oneshot;
 
 use self::node::NodeTracker;
+use self::progress::{Progress, Snapshot};
 use self::track::{Tracker, Watched};
 use super::SourceUpdate;
 
@@ -56,6 +65,43 @@ pub enum KubeSourceError {
     /// The node name is empty: the agent would not know its own node.
     #[error("the node name is empty")]
     EmptyNodeName,
+}
+
+/// Why [`KubeHandle::catch_up`] could not confirm that the source caught up.
+#[derive(Debug, thiserror::Error)]
+pub enum CatchUpError {
+    /// The consistent list failed (API server unreachable, forbidden, ...).
+    #[error("listing {kind} from the API server: {error}")]
+    List { kind: String, error: String },
+    /// The source has stopped.
+    #[error("the Kubernetes source has stopped")]
+    Stopped,
+}
+
+/// A catch-up request to one watch, answered once it has caught up.
+type CatchUp = oneshot::Sender<Result<(), CatchUpError>>;
+
+/// The number of watches: Namespaces, Pods, NetworkPolicies, the Node.
+const WATCHES: usize = 4;
+
+/// Asks a running source to catch up with the API server (the API's `Sync`).
+#[derive(Clone, Debug)]
+pub struct KubeHandle {
+    watches: Vec<mpsc::Sender<CatchUp>>,
+}
+
+impl KubeHandle {
+    /// Returns once every watch has sent the reconciler what a consistent
+    /// list of its kind, made now, holds (see [`progress`]).
+    pub async fn catch_up(&self) -> Result<(), CatchUpError> {
+        try_join_all(self.watches.iter().map(|watch| async move {
+            let (tx, rx) = oneshot::channel();
+            watch.send(tx).await.map_err(|_| CatchUpError::Stopped)?;
+            rx.await.map_err(|_| CatchUpError::Stopped)?
+        }))
+        .await
+        .map(drop)
+    }
 }
 
 /// The receiving end of the update channel is gone: the agent is stopping.
@@ -79,58 +125,96 @@ impl Translate<core::Node> for NodeTracker {
     }
 }
 
-/// Watches Namespaces, Pods, NetworkPolicies and the Node named `node_name`
-/// with `client`, sending what changes to `tx`, until `tx`'s receiver is
-/// dropped (then returns `Ok`). Watch errors are retried forever with
-/// backoff; the only error is an empty `node_name`.
-///
-/// The client needs `get`, `list` and `watch` on namespaces, pods,
-/// networkpolicies (cluster-wide) and nodes: `manifests/rbac.yaml`.
+/// The Kubernetes source: watches Namespaces, Pods, NetworkPolicies and
+/// this node's Node object (see the module docs).
+pub struct KubeSource {
+    client: Client,
+    node_name: String,
+    catch_ups: Vec<Receiver<CatchUp>>,
+}
+
+impl KubeSource {
+    /// A source reading with `client` for node `node_name`, and the handle
+    /// that asks it to catch up.
+    pub fn new(client: Client, node_name: String) -> (Self, KubeHandle) {
+        let (senders, receivers) = (0..WATCHES).map(|_| mpsc::channel(8)).unzip();
+        let source = Self {
+            client,
+            node_name,
+            catch_ups: receivers,
+        };
+        (source, KubeHandle { watches: senders })
+    }
+
+    /// Watches with the client, sending what changes to `tx`, until `tx`'s
+    /// receiver is dropped (then returns `Ok`). Watch errors are retried
+    /// forever with backoff; the only error is an empty node name.
+    ///
+    /// The client needs `get`, `list` and `watch` on namespaces, pods,
+    /// networkpolicies (cluster-wide) and nodes: `manifests/rbac.yaml`.
+    pub async fn run(self, tx: Sender<SourceUpdate>) -> anyhow::Result<()> {
+        let Self {
+            client,
+            node_name,
+            catch_ups,
+        } = self;
+        if node_name.is_empty() {
+            return Err(KubeSourceError::EmptyNodeName.into());
+        }
+        tracing::info!(node = %node_name, "watching the Kubernetes API");
+        let config = watch_config();
+        let node_config = config.clone().fields(&format!("metadata.name={node_name}"));
+        let Ok([namespaces, pods, policies, node]) = <[_; WATCHES]>::try_from(catch_ups) else {
+            unreachable!("one catch-up channel per watch");
+        };
+        let watches = async {
+            tokio::try_join!(
+                watch(
+                    Api::<DeserializeGuard<core::Namespace>>::all(client.clone()),
+                    config.clone(),
+                    Tracker::new(),
+                    &tx,
+                    namespaces,
+                ),
+                watch(
+                    Api::<DeserializeGuard<core::Pod>>::all(client.clone()),
+                    config.clone(),
+                    Tracker::new(),
+                    &tx,
+                    pods,
+                ),
+                watch(
+                    Api::<DeserializeGuard<net::NetworkPolicy>>::all(client.clone()),
+                    config.clone(),
+                    Tracker::new(),
+                    &tx,
+                    policies,
+                ),
+                watch(
+                    Api::<DeserializeGuard<core::Node>>::all(client.clone()),
+                    node_config,
+                    NodeTracker::new(node_name.clone()),
+                    &tx,
+                    node,
+                ),
+            )
+        };
+        tokio::select! {
+            _ = watches => {}
+            () = tx.closed() => {}
+        }
+        tracing::info!("update channel closed; Kubernetes watches stopped");
+        Ok(())
+    }
+}
+
+/// [`KubeSource::run`] without a handle (nothing can ask it to catch up).
 pub async fn run(
     client: Client,
     node_name: String,
     tx: Sender<SourceUpdate>,
 ) -> anyhow::Result<()> {
-    if node_name.is_empty() {
-        return Err(KubeSourceError::EmptyNodeName.into());
-    }
-    tracing::info!(node = %node_name, "watching the Kubernetes API");
-    let config = watch_config();
-    let node_config = config.clone().fields(&format!("metadata.name={node_name}"));
-    let watches = async {
-        tokio::try_join!(
-            watch(
-                Api::<DeserializeGuard<core::Namespace>>::all(client.clone()),
-                config.clone(),
-                Tracker::new(),
-                &tx,
-            ),
-            watch(
-                Api::<DeserializeGuard<core::Pod>>::all(client.clone()),
-                config.clone(),
-                Tracker::new(),
-                &tx,
-            ),
-            watch(
-                Api::<DeserializeGuard<net::NetworkPolicy>>::all(client.clone()),
-                config.clone(),
-                Tracker::new(),
-                &tx,
-            ),
-            watch(
-                Api::<DeserializeGuard<core::Node>>::all(client.clone()),
-                node_config,
-                NodeTracker::new(node_name.clone()),
-                &tx,
-            ),
-        )
-    };
-    tokio::select! {
-        _ = watches => {}
-        () = tx.closed() => {}
-    }
-    tracing::info!("update channel closed; Kubernetes watches stopped");
-    Ok(())
+    KubeSource::new(client, node_name).0.run(tx).await
 }
 
 /// The watches' configuration: lists are served from the API server's watch
@@ -142,13 +226,15 @@ fn watch_config() -> watcher::Config {
 }
 
 /// Runs one kind's watch forever: a fresh [`watcher`](watcher::watcher) (list,
-/// then watch) after every error, with backoff. Returns only when `tx` is
-/// closed.
+/// then watch) after every error, with backoff. Answers the catch-up
+/// requests of `catch_ups` as its events show it caught up. Returns only
+/// when `tx` is closed.
 async fn watch<K, T>(
     api: Api<DeserializeGuard<K>>,
     config: watcher::Config,
     mut translate: T,
     tx: &Sender<SourceUpdate>,
+    mut catch_ups: Receiver<CatchUp>,
 ) -> Result<(), Closed>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static,
@@ -156,17 +242,40 @@ where
 {
     let kind = K::kind(&());
     let mut backoff = DefaultBackoff::default();
+    let mut progress = Progress::default();
+    // Requests not answered yet, with the snapshot each waits for.
+    let mut waiting: Vec<(Snapshot, CatchUp)> = Vec::new();
+    let mut requests_open = true;
     loop {
         let mut events = pin!(watcher::watcher(api.clone(), config.clone()));
         let failure = loop {
-            match events.next().await {
-                Some(Ok(event)) => {
-                    if let Some(update) = translate.translate(event) {
-                        tx.send(update).await.map_err(|_| Closed)?;
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(Ok(event)) => {
+                        progress.observe(&event);
+                        if let Some(update) = translate.translate(event) {
+                            tx.send(update).await.map_err(|_| Closed)?;
+                        }
+                        answer(&progress, &mut waiting);
                     }
-                }
-                Some(Err(error)) => break error.to_string(),
-                None => break "the watch stream ended".to_owned(),
+                    Some(Err(error)) => break error.to_string(),
+                    None => break "the watch stream ended".to_owned(),
+                },
+                request = catch_ups.recv(), if requests_open => match request {
+                    Some(reply) => match consistent_snapshot(&api, &config).await {
+                        Ok(snapshot) => {
+                            waiting.push((snapshot, reply));
+                            answer(&progress, &mut waiting);
+                        }
+                        Err(error) => {
+                            let _ = reply.send(Err(CatchUpError::List {
+                                kind: kind.to_string(),
+                                error: error.to_string(),
+                            }));
+                        }
+                    },
+                    None => requests_open = false,
+                },
             }
         };
         let delay = backoff.next().unwrap_or(MAX_BACKOFF);
@@ -177,6 +286,37 @@ where
             "watch failed; it will start over with a fresh list"
         );
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// Lists the watched objects' metadata with a consistent read (from etcd:
+/// no `resourceVersion`), with the watch's selectors.
+async fn consistent_snapshot<K>(
+    api: &Api<DeserializeGuard<K>>,
+    config: &watcher::Config,
+) -> kube::Result<Snapshot>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned,
+{
+    let params = ListParams {
+        label_selector: config.label_selector.clone(),
+        field_selector: config.field_selector.clone(),
+        ..ListParams::default()
+    };
+    let list = api.list_metadata(&params).await?;
+    Ok(Snapshot::from_list(&list))
+}
+
+/// Answers the requests `progress` has caught up with, and drops those
+/// whose asker has gone.
+fn answer(progress: &Progress, waiting: &mut Vec<(Snapshot, CatchUp)>) {
+    waiting.retain(|(_, reply)| !reply.is_closed());
+    let (done, still): (Vec<_>, Vec<_>) = std::mem::take(waiting)
+        .into_iter()
+        .partition(|(snapshot, _)| progress.has_caught_up(snapshot));
+    *waiting = still;
+    for (_, reply) in done {
+        let _ = reply.send(Ok(()));
     }
 }
 

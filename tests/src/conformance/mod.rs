@@ -30,7 +30,8 @@
 //! is), [`objects`] (Kubernetes objects in and out), [`ipam`] (addresses for
 //! pods without one), [`state`] (the step-by-step state machine), [`plan`]
 //! (the [`Change`]s and [`StepPlan`]s it yields), [`probes`] (expectations
-//! expanded into [`Probe`]s), [`report`] (results, matrices, summary line).
+//! expanded into [`Probe`]s), [`report`] (results, matrices, summary line),
+//! [`server_support`] (what a scenario needs of a kube-apiserver).
 
 pub mod error;
 pub mod ipam;
@@ -40,6 +41,7 @@ pub mod plan;
 pub mod probes;
 pub mod report;
 pub mod scenario;
+pub mod server_support;
 pub mod spec;
 pub mod state;
 pub mod syntax;
@@ -61,4 +63,5 @@ pub use scenario::{
     Endpoint, Expectation, KnownObject, Labels, NamespacedName, ObjectKey, PortRef, Protocol,
     Scenario, Server, SourceObject, Verdict, load_dir, load_file, parse_str, scenario_paths,
 };
+pub use server_support::ServerSupport;
 pub use state::ScenarioState;

@@ -19,14 +19,23 @@ pub struct RunConfig {
     /// Whether the node takes part in IPv6 probes (to and from dual-stack
     /// pods). When false, node probes are IPv4 only.
     pub node_ipv6: bool,
+    /// The node's addresses on the pod network (the pods' gateway): never
+    /// given to a pod; a scenario that gives one to a pod does not plan.
+    pub node_ips: Vec<IpAddr>,
 }
 
 impl Default for RunConfig {
+    /// The default pool; the node is its first address, 10.244.0.1, and
+    /// fd00:10:244::1.
     fn default() -> Self {
         Self {
             pool: IpPool::default(),
             node_name: "conformance-node".into(),
             node_ipv6: true,
+            node_ips: vec![
+                IpAddr::V4(Ipv4Addr::new(10, 244, 0, 1)),
+                IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 1)),
+            ],
         }
     }
 }

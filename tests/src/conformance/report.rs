@@ -5,9 +5,10 @@
 //! - **fails** if any probe observed the opposite of its verdict or could not
 //!   be run ([`Observed::Error`]), if the executor recorded an error (setup,
 //!   agent), or if fewer steps were recorded than the scenario has;
-//! - else is **skipped** if none of its probes ran (every one
-//!   [`Observed::Skipped`], e.g. an SCTP-only scenario on a kernel without
-//!   SCTP sockets): skipped is never counted as passed;
+//! - else is **skipped** if it was not run at all ([`ScenarioResult::skipped`],
+//!   e.g. it needs what the API server lacks) or none of its probes ran
+//!   (every one [`Observed::Skipped`], e.g. an SCTP-only scenario on a
+//!   kernel without SCTP sockets): skipped is never counted as passed;
 //! - else **passes**: every probe that ran matched. Skipped probes of a
 //!   passing scenario are listed next to it.
 //!
@@ -99,6 +100,8 @@ pub struct ScenarioResult {
     step_count: usize,
     steps: Vec<StepResult>,
     errors: Vec<String>,
+    /// Why the scenario was not run, if it was not.
+    not_run: Option<String>,
 }
 
 impl ScenarioResult {
@@ -110,6 +113,15 @@ impl ScenarioResult {
             step_count: scenario.steps.len(),
             steps: Vec::new(),
             errors: Vec::new(),
+            not_run: None,
+        }
+    }
+
+    /// A scenario not run, for `reason`: it is skipped.
+    pub fn skipped(scenario: &Scenario, reason: impl Into<String>) -> Self {
+        Self {
+            not_run: Some(reason.into()),
+            ..Self::new(scenario)
         }
     }
 
@@ -126,6 +138,7 @@ impl ScenarioResult {
             step_count: 0,
             steps: Vec::new(),
             errors: vec![error.into()],
+            not_run: None,
         }
     }
 
@@ -183,6 +196,9 @@ impl ScenarioResult {
 
     /// The outcome (see the module docs).
     pub fn status(&self) -> Status {
+        if self.not_run.is_some() && self.errors.is_empty() {
+            return Status::Skipped;
+        }
         let (matched, mismatched, _) = self.counts();
         if mismatched > 0 || !self.errors.is_empty() || self.steps.len() < self.step_count {
             Status::Failed
@@ -215,11 +231,14 @@ impl ScenarioResult {
                     self.name
                 )
             }
-            Status::Skipped => writeln!(
-                out,
-                "SKIP {} (all {total} probes skipped: {reasons})",
-                self.name
-            ),
+            Status::Skipped => match &self.not_run {
+                Some(reason) => writeln!(out, "SKIP {} (not run: {reason})", self.name),
+                None => writeln!(
+                    out,
+                    "SKIP {} (all {total} probes skipped: {reasons})",
+                    self.name
+                ),
+            },
             Status::Failed if total == 0 => {
                 writeln!(out, "FAIL {} ({})", self.name, self.path.display())
             }

@@ -96,7 +96,12 @@ impl<'a> ScenarioState<'a> {
             service_rules: BTreeMap::new(),
             node_servers: BTreeSet::new(),
             objects: BTreeMap::new(),
-            allocator: Allocator::new(config.pool, explicit_ips(scenario)),
+            allocator: Allocator::new(
+                config.pool,
+                explicit_ips(scenario)
+                    .into_iter()
+                    .chain(config.node_ips.iter().copied()),
+            ),
         };
         let mut changes = Vec::new();
         let mut errors = ScenarioErrors::default();
@@ -122,6 +127,21 @@ impl<'a> ScenarioState<'a> {
             changes.push(Change::AddExternal(ext.clone()));
         }
         for (i, pod) in cluster.pods.iter().enumerate() {
+            let written = pod
+                .ip
+                .map(IpAddr::V4)
+                .into_iter()
+                .chain(pod.ip6.map(IpAddr::V6));
+            for ip in written.filter(|ip| config.node_ips.contains(ip)) {
+                errors.push(
+                    Location::Pod(i),
+                    Problem::IpCollision {
+                        ip,
+                        first: "the node".into(),
+                        second: format!("pod {}", pod.name),
+                    },
+                );
+            }
             let Some(ip) = pod.ip.or_else(|| state.allocator.allocate()) else {
                 errors.push(
                     Location::Pod(i),
@@ -254,6 +274,9 @@ impl<'a> ScenarioState<'a> {
 
     /// Who uses `ip` now, if anyone.
     fn address_owner(&self, ip: IpAddr) -> Option<String> {
+        if self.config.node_ips.contains(&ip) {
+            return Some("the node".into());
+        }
         if let Some(p) = self
             .pods()
             .find(|p| p.ip_of(Family::V4) == Some(ip) || p.ip_of(Family::V6) == Some(ip))

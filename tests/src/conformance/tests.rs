@@ -254,7 +254,8 @@ fn services_are_probed_on_the_service_port_at_the_cluster_ip() {
         svc.iter()
             .all(|p| p.port == 53 && p.dst_ip == Some("10.96.0.10".parse().unwrap()))
     );
-    // The cluster's pods got 10.244.0.1.. in file order; coredns is third.
+    // The cluster's pods got 10.244.0.2.. (.1 is the node) in file order;
+    // coredns is third.
     let rules = plan.setup.iter().find_map(|c| match c {
         Change::SetService(rules) => Some(rules),
         _ => None,
@@ -267,7 +268,7 @@ fn services_are_probed_on_the_service_port_at_the_cluster_ip() {
             port.backends,
             [Backend {
                 pod: NamespacedName::new("kube-system", "coredns"),
-                ip: "10.244.0.3".parse().unwrap(),
+                ip: "10.244.0.4".parse().unwrap(),
                 port: 1053,
             }]
         );
@@ -372,18 +373,19 @@ fn a_new_pod_gets_an_allocated_ip_and_the_servers_of_its_containers() {
         panic!("{:?}", plan.steps[1].changes)
     };
     assert_eq!(pod.name, NamespacedName::new("prod", "migrate"));
-    assert_eq!(pod.ip, Ipv4Addr::new(10, 244, 0, 1));
+    // The first address of the pool is the node's.
+    assert_eq!(pod.ip, Ipv4Addr::new(10, 244, 0, 2));
     assert_eq!(pod.servers.len(), 3);
     let Some(KnownObject::Pod(k8s)) = &object.typed else {
         panic!()
     };
     let status = k8s.status.as_ref().unwrap();
-    assert_eq!(status.pod_ip.as_deref(), Some("10.244.0.1"));
+    assert_eq!(status.pod_ip.as_deref(), Some("10.244.0.2"));
     assert_eq!(
         k8s.spec.as_ref().unwrap().node_name.as_deref(),
         Some("conformance-node")
     );
-    assert_eq!(object.value["status"]["podIP"].as_str(), Some("10.244.0.1"));
+    assert_eq!(object.value["status"]["podIP"].as_str(), Some("10.244.0.2"));
 }
 
 #[test]
@@ -521,8 +523,8 @@ fn deleting_a_namespace_removes_its_contents_and_a_pod_can_be_recreated() {
             .map(describe)
             .collect::<Vec<_>>()
     };
-    // x/b had 10.244.0.1; the re-created pod does not reuse it.
-    assert_eq!(changes(1), ["remove pod x/b", "add pod x/b 10.244.0.2"]);
+    // x/b had 10.244.0.2; the re-created pod does not reuse it.
+    assert_eq!(changes(1), ["remove pod x/b", "add pod x/b 10.244.0.3"]);
     assert_eq!(
         changes(2),
         [
@@ -531,7 +533,7 @@ fn deleting_a_namespace_removes_its_contents_and_a_pod_can_be_recreated() {
             "remove pod x/b",
             "remove namespace x",
             "add namespace y",
-            "add pod y/c 10.244.0.3",
+            "add pod y/c 10.244.0.4",
         ]
     );
 }
@@ -1009,6 +1011,96 @@ fn statuses_and_the_summary_line() {
         Some("2 passed, 1 failed, 1 skipped")
     );
     assert!(!report.success());
+}
+
+#[test]
+fn a_scenario_not_run_is_skipped_with_its_reason() {
+    let (scenario, _) = tiny_plan();
+    let not_run = ScenarioResult::skipped(&scenario, "the server drops endPort");
+    assert_eq!(not_run.status(), Status::Skipped);
+    assert_eq!(
+        not_run.render(),
+        "SKIP tiny (not run: the server drops endPort)\n"
+    );
+    // An error recorded after all (e.g. teardown) still fails it.
+    let mut broken = not_run.clone();
+    broken.record_error("teardown failed");
+    assert_eq!(broken.status(), Status::Failed);
+    let mut report = Report::default();
+    report.push(not_run);
+    assert_eq!(
+        report.render().lines().last(),
+        Some("0 passed, 0 failed, 1 skipped")
+    );
+    assert!(report.success());
+}
+
+// ---------------------------------------------------------------------------
+// What a scenario needs of the API server.
+
+#[test]
+fn scenarios_using_end_port_are_not_run_against_an_older_server() {
+    use crate::conformance::server_support::{end_port_policies, unsupported_by};
+    let old = ServerSupport { end_port: false };
+    let new = ServerSupport { end_port: true };
+    let sctp = own("sctp-port-range");
+    assert_eq!(
+        end_port_policies(&sctp).len(),
+        1,
+        "{:?}",
+        end_port_policies(&sctp)
+    );
+    let reason = unsupported_by(&sctp, old).expect("skipped without endPort");
+    assert!(
+        reason.starts_with(
+            "the kube-apiserver drops NetworkPolicy endPort (before 1.22), which telco/"
+        ),
+        "{reason}"
+    );
+    assert!(reason.ends_with("(step 1) uses"), "{reason}");
+    assert_eq!(unsupported_by(&sctp, new), None);
+    // Port ranges only in egress count too; plain ports do not.
+    let egress = TINY.replace(
+        "spec: {podSelector: {}, policyTypes: [Ingress]}",
+        "spec: {podSelector: {}, policyTypes: [Egress], egress: [{ports: [{port: 80, endPort: 90}]}]}",
+    );
+    let egress = parse_str(&egress, Path::new("egress.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(end_port_policies(&egress), ["x/deny-all (step 1)"]);
+    let tiny = parse_str(TINY, Path::new("tiny.yaml")).unwrap();
+    assert_eq!(unsupported_by(&tiny, old), None);
+    let relabel = own("relabel-pod-out-of-policy");
+    assert_eq!(unsupported_by(&relabel, old), None);
+    if let Some(named) = shared("named-port-and-endport") {
+        assert!(unsupported_by(&named, old).is_some());
+    }
+    if let Some(live) = shared("namespace-isolation-live") {
+        assert_eq!(unsupported_by(&live, old), None);
+    }
+}
+
+#[test]
+fn the_node_address_is_never_a_pod_address() {
+    // The first address of the pool is the node's: b gets the next one.
+    let plan = parse_str(TINY, Path::new("tiny.yaml"))
+        .unwrap()
+        .plan(&RunConfig::default())
+        .unwrap();
+    let b = plan.setup.iter().find_map(|c| match c {
+        Change::AddPod { pod, .. } if pod.name.name == "b" => Some(pod.ip),
+        _ => None,
+    });
+    assert_eq!(b, Some(Ipv4Addr::new(10, 244, 0, 2)));
+    // A scenario that gives a pod the node's address does not load (loading
+    // plans it with the default configuration).
+    let taken = TINY.replace("ip: 10.244.1.10", "ip: 10.244.0.1");
+    assert_eq!(
+        problems(&taken),
+        [Problem::IpCollision {
+            ip: "10.244.0.1".parse().unwrap(),
+            first: "the node".into(),
+            second: "pod x/a".into(),
+        }]
+    );
 }
 
 #[test]

@@ -1,30 +1,34 @@
 //! One scenario's cluster: the node namespace (the harness's [`Topology`])
-//! with the agent in it, a namespace per pod and per external host joined
-//! to the node by a veth pair, servers in them, services as DNAT rules.
+//! with the agent in it, pods attached through the real CNI chain
+//! ([`PodNetwork`]: bridge + host-local, then `palisade-cni`), external
+//! hosts joined to the node by a veth pair each (outside the pod network,
+//! routed by the node, never registered with the agent), servers, services
+//! as DNAT rules, and the policy source the agent reads.
 //!
-//! Pods are registered with the agent through its API (`Endpoints.Register`,
-//! what the chained CNI plugin does); externals are left unregistered, so
-//! they are hosts outside the pod network routed through the node.
-//!
-//! Everything goes on drop, in field order: servers, the API client, the
-//! agent (SIGKILL), the namespaces (with their veths and iptables rules),
-//! then the agent's directories and pin directory.
+//! Teardown ([`Cluster::tear_down`], again on [`Drop`]): every pod is
+//! detached through the chain (DEL, the agent still running), then the
+//! source is cleared (the API server's objects of the scenario), then on
+//! drop the fields go in order: servers, pod namespaces, the API client,
+//! the agent (SIGKILL), its path to the API server, services, the CNI
+//! directories (configuration, IPAM store), the node namespace (bridge,
+//! externals, iptables rules), the agent's directories and pin directory.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
-use palisade_tests::agent::{Agent, AgentDirs, AgentOptions, Client, proto};
-use palisade_tests::conformance::{
-    Change, Endpoint, Family, NamespacedName, PodInfo, Protocol, Server,
-};
-use palisade_tests::netns::{GATEWAY_V4, GATEWAY_V6, Netns, TcpServer, Topology, UdpEchoServer};
-
+use palisade_tests::agent::{Agent, AgentDirs, AgentOptions, Client};
 use palisade_tests::conformance::scenario::External;
+use palisade_tests::conformance::{
+    Change, Endpoint, Family, NamespacedName, PodInfo, Protocol, RunConfig, Server, SourceEdit,
+    SourceObject,
+};
+use palisade_tests::netns::{Netns, TcpForwarder, TcpServer, Topology, UdpEchoServer};
 
-use crate::policy_source;
-use crate::probes::Source;
+use crate::pod_network::{self, Attached, PodNetwork};
+use crate::policy_source::PolicySource;
+use crate::probes::{NodeAddresses, Source};
 use crate::services::Services;
 
 /// Prefix of the namespaces and interfaces (one scenario at a time).
@@ -39,31 +43,40 @@ enum Listener {
     Udp(UdpEchoServer),
 }
 
+/// A pod: its network namespace and its attachment.
+struct Pod {
+    netns: Netns,
+    attached: Attached,
+}
+
+/// Makes the policy source of a cluster, given the agent's directories.
+pub type SourceFor<'a> = dyn Fn(&AgentDirs) -> Box<dyn PolicySource> + 'a;
+
 /// The running cluster of one scenario.
 pub struct Cluster {
     servers: BTreeMap<String, Vec<Listener>>,
+    pods: BTreeMap<NamespacedName, Pod>,
     client: Client,
     agent: Agent,
+    /// How the agent reaches its source (kube: the API server).
+    _source_path: Option<TcpForwarder>,
+    source: Box<dyn PolicySource>,
     services: Services,
     service_routes: bool,
-    /// Pod → topology name.
-    pods: BTreeMap<NamespacedName, String>,
     /// External → topology name.
     externals: BTreeMap<String, String>,
-    /// Container ids registered since the last [`Cluster::wait_enforced`].
-    registered: Vec<(String, u64)>,
     next_dummy: u8,
+    next_container: u32,
+    node_addresses: NodeAddresses,
+    network: PodNetwork,
     topology: Topology,
-    dirs: AgentDirs,
+    /// Held for its Drop: the agent's directories and pins go last.
+    _dirs: AgentDirs,
 }
 
-fn container_id(pod: &NamespacedName) -> String {
-    format!("conformance-{}-{}", pod.namespace, pod.name)
-}
-
-fn topo_name(kind: &str, name: &str) -> String {
-    let clean: String = name
-        .chars()
+/// `name` with what network namespace names do not take replaced.
+fn clean(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' {
                 c
@@ -71,38 +84,48 @@ fn topo_name(kind: &str, name: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("{kind}-{clean}")
+        .collect()
 }
 
 impl Cluster {
-    /// The node namespace and the agent, no pods yet.
-    pub fn start(node_name: &str) -> Result<Self> {
+    /// The node namespace with its pod network, and the agent reading the
+    /// source `source` makes; no pods yet.
+    pub fn start(config: &RunConfig, source: &SourceFor<'_>) -> Result<Self> {
+        let (v4, v6) = pod_network::gateways(config)?;
         let dirs = AgentDirs::new("conformance")?;
+        let source = source(&dirs);
         let topology = Topology::new(PREFIX).context("creating the node namespace")?;
-        let agent = Agent::start(
+        let network = PodNetwork::new(topology.node_ns(), &dirs.socket, config)
+            .context("setting up the CNI network")?;
+        let source_path = source.reach_from(topology.node_ns())?;
+        let agent = Agent::start_detached_with(
             &dirs,
             &AgentOptions {
-                node_name: node_name.to_owned(),
-                node_ips: vec![IpAddr::V4(GATEWAY_V4), IpAddr::V6(GATEWAY_V6)],
+                node_name: config.node_name.clone(),
+                node_ips: config.node_ips.clone(),
                 netns: Some(topology.node_ns().path().to_owned()),
                 start_timeout: Duration::from_secs(30),
             },
+            source.agent_source(),
         )
         .context("starting the agent")?;
         let client = agent.client()?;
         Ok(Self {
             servers: BTreeMap::new(),
+            pods: BTreeMap::new(),
             client,
             agent,
+            _source_path: source_path,
+            source,
             services: Services::default(),
             service_routes: false,
-            pods: BTreeMap::new(),
             externals: BTreeMap::new(),
-            registered: Vec::new(),
             next_dummy: 1,
+            next_container: 0,
+            node_addresses: NodeAddresses { v4, v6 },
+            network,
             topology,
-            dirs,
+            _dirs: dirs,
         })
     }
 
@@ -118,102 +141,85 @@ impl Cluster {
     /// Carries out one change.
     pub fn apply(&mut self, change: &Change) -> Result<()> {
         match change {
-            Change::AddPod { pod, .. } => {
-                self.add_pod(pod)?;
+            Change::AddPod { pod, object } => self.add_pod(pod, object),
+            Change::RemovePod { pod, key } => {
+                // As a kubelet sees it: the Pod goes, then its sandbox.
+                self.source.apply(SourceEdit::Delete(key))?;
+                self.remove_pod(pod)
             }
-            Change::RemovePod { pod, .. } => {
-                // The source forgets it first (below), then the endpoint goes.
-                if let Some(edit) = change.source_edit() {
-                    policy_source::apply(&self.dirs, edit)?;
-                }
-                return self.remove_pod(pod);
-            }
-            Change::AddExternal(external) => return self.add_external(external),
+            Change::AddExternal(external) => self.add_external(external),
             Change::AddNodeServer(server) => {
-                let node = self.topology.node_ns();
-                let listener = start_server(node, server)?;
+                let listener = start_server(self.node(), server)?;
                 self.servers
                     .entry("node".into())
                     .or_default()
                     .extend(listener);
+                Ok(())
             }
             Change::SetService(rules) => {
                 self.route_service(rules.cluster_ip)?;
                 let node = self.topology.node_ns();
-                self.services.set(node, rules)?;
+                self.services.set(node, rules)
             }
             Change::RemoveService(name) => {
                 let node = self.topology.node_ns();
-                self.services.remove(node, name)?;
+                self.services.remove(node, name)
             }
-            _ => {}
+            other => match other.source_edit() {
+                Some(edit) => self.source.apply(edit),
+                None => Ok(()),
+            },
         }
-        if let Some(edit) = change.source_edit() {
-            policy_source::apply(&self.dirs, edit)?;
-        }
-        if let Change::AddPod { pod, .. } = change {
-            self.register(pod)?;
-        }
-        Ok(())
     }
 
-    fn add_pod(&mut self, pod: &PodInfo) -> Result<()> {
-        let name = topo_name("p", &format!("{}-{}", pod.name.namespace, pod.name.name));
-        let netns_pod = self
-            .topology
-            .add_pod(&name, pod.ip, pod.ip6)
-            .with_context(|| format!("creating pod {}", pod.name))?;
+    /// A pod as a kubelet starts one: the Pod object exists, the sandbox
+    /// (a network namespace with the pod's servers) is created, the CNI
+    /// chain attaches it (and returns once its policy is enforced), then
+    /// its status gets the addresses.
+    fn add_pod(&mut self, pod: &PodInfo, object: &SourceObject) -> Result<()> {
+        self.source.apply(SourceEdit::Upsert(object))?;
+        let name = format!(
+            "{PREFIX}-p-{}-{}",
+            clean(&pod.name.namespace),
+            clean(&pod.name.name)
+        );
+        let netns = Netns::create(&name).with_context(|| format!("creating pod {}", pod.name))?;
+        netns.setup_basics()?;
         let mut listeners = Vec::new();
         for server in &pod.servers {
             listeners.extend(
-                start_server(&netns_pod.netns, server)
-                    .with_context(|| format!("in pod {}", pod.name))?,
+                start_server(&netns, server).with_context(|| format!("in pod {}", pod.name))?,
             );
         }
-        self.servers.insert(name.clone(), listeners);
-        self.pods.insert(pod.name.clone(), name);
-        Ok(())
+        self.next_container += 1;
+        let container_id = format!(
+            "{PREFIX}{:04}-{}-{}",
+            self.next_container,
+            clean(&pod.name.namespace),
+            clean(&pod.name.name)
+        );
+        let attached = self
+            .network
+            .add(pod, &container_id, &netns)
+            .map_err(|e| anyhow!("{e:#}\n{}", self.agent.log_tail()))?;
+        let ips = attached.ips.clone();
+        self.servers.insert(pod.name.to_string(), listeners);
+        self.pods.insert(pod.name.clone(), Pod { netns, attached });
+        self.source.pod_running(&pod.name, &ips)
     }
 
-    fn register(&mut self, pod: &PodInfo) -> Result<()> {
-        let name = &self.pods[&pod.name];
-        let topo = self.topology.pod(name);
-        let ips = [Some(IpAddr::V4(pod.ip)), pod.ip6.map(IpAddr::V6)]
-            .into_iter()
-            .flatten()
-            .map(|ip| ip.to_string())
-            .collect();
-        let done = self
-            .client
-            .register(proto::RegisterRequest {
-                namespace: pod.name.namespace.clone(),
-                pod_name: pod.name.name.clone(),
-                container_id: container_id(&pod.name),
-                netns_path: topo.netns.path().display().to_string(),
-                host_interface: topo.host_ifname.clone(),
-                ips,
-            })
-            .map_err(|e| anyhow!("registering {}: {e}\n{}", pod.name, self.agent.log_tail()))?;
-        self.registered
-            .push((container_id(&pod.name), done.revision));
-        Ok(())
-    }
-
-    fn remove_pod(&mut self, pod: &NamespacedName) -> Result<()> {
-        let name = self
+    fn remove_pod(&mut self, name: &NamespacedName) -> Result<()> {
+        let pod = self
             .pods
-            .remove(pod)
-            .ok_or_else(|| anyhow!("no pod {pod}"))?;
-        self.registered.retain(|(id, _)| *id != container_id(pod));
-        self.client
-            .unregister(&container_id(pod))
-            .map_err(|e| anyhow!("unregistering {pod}: {e}"))?;
-        self.servers.remove(&name);
-        self.topology.remove_pod(&name)
+            .remove(name)
+            .ok_or_else(|| anyhow!("no pod {name}"))?;
+        self.servers.remove(&name.to_string());
+        self.network.del(&pod.attached)
+        // The namespace goes with `pod`.
     }
 
     fn add_external(&mut self, external: &External) -> Result<()> {
-        let name = topo_name("e", &external.name);
+        let name = format!("e-{}", clean(&external.name));
         // The harness wants an IPv4 address on every namespace: an IPv6
         // host gets a placeholder from 198.18.0.0/15 (benchmarking range).
         let (ip4, ip6) = match external.ip {
@@ -262,39 +268,38 @@ impl Cluster {
         Ok(())
     }
 
-    /// Has the agent read the source and waits until it enforces it (and
-    /// every endpoint registered since the last call).
+    /// Has the agent take in everything written to its source (files: a
+    /// re-scan; kube: catch up with the API server) and waits until it
+    /// enforces it.
     pub fn wait_enforced(&mut self) -> Result<()> {
-        for (id, revision) in std::mem::take(&mut self.registered) {
-            self.client
-                .wait_enforced(Some(&id), revision, ENFORCE_TIMEOUT)
-                .map_err(|e| anyhow!("waiting for {id}: {e}\n{}", self.agent.log_tail()))?;
-        }
         self.client
             .sync_and_wait(ENFORCE_TIMEOUT)
             .map_err(|e| anyhow!("sync: {e}\n{}", self.agent.log_tail()))?;
         Ok(())
     }
 
-    /// The address `endpoint` uses for connections of `family` (the node:
-    /// its address on the pods' link); `None` for services and for a family
-    /// the endpoint lacks.
+    /// The node's addresses on the pod network.
+    pub fn node_addresses(&self) -> NodeAddresses {
+        self.node_addresses
+    }
+
+    /// The address `endpoint` uses for connections of `family`; `None`
+    /// for services and for a family the endpoint lacks.
     pub fn address(&self, endpoint: &Endpoint, family: Family) -> Option<IpAddr> {
-        let topo = match endpoint {
-            Endpoint::Node => {
-                return Some(match family {
-                    Family::V4 => IpAddr::V4(GATEWAY_V4),
-                    Family::V6 => IpAddr::V6(GATEWAY_V6),
-                });
+        match endpoint {
+            Endpoint::Node => Some(self.node_addresses.of(family)),
+            Endpoint::Pod(name) => {
+                let ips = &self.pods.get(name)?.attached.ips;
+                ips.iter().copied().find(|ip| Family::of(*ip) == family)
             }
-            Endpoint::Pod(pod) => self.pods.get(pod)?,
-            Endpoint::External(name) => self.externals.get(name)?,
-            Endpoint::Service(_) => return None,
-        };
-        let pod = self.topology.get_pod(topo)?;
-        match family {
-            Family::V4 => Some(IpAddr::V4(pod.ip4)),
-            Family::V6 => pod.ip6.map(IpAddr::V6),
+            Endpoint::External(name) => {
+                let host = self.topology.get_pod(self.externals.get(name)?)?;
+                match family {
+                    Family::V4 => Some(IpAddr::V4(host.ip4)),
+                    Family::V6 => host.ip6.map(IpAddr::V6),
+                }
+            }
+            Endpoint::Service(_) => None,
         }
     }
 
@@ -305,22 +310,38 @@ impl Cluster {
 
     /// Where probes from `endpoint` start.
     pub fn source(&self, endpoint: &Endpoint) -> Option<Source<'_>> {
-        let topo = match endpoint {
-            Endpoint::Node => {
-                return Some(Source {
-                    netns: self.node(),
-                    ifindex: 0,
-                });
-            }
-            Endpoint::Pod(pod) => self.pods.get(pod)?,
-            Endpoint::External(name) => self.externals.get(name)?,
+        let netns = match endpoint {
+            Endpoint::Node => self.node(),
+            Endpoint::Pod(name) => &self.pods.get(name)?.netns,
+            Endpoint::External(name) => &self.topology.get_pod(self.externals.get(name)?)?.netns,
             Endpoint::Service(_) => return None,
         };
-        let pod = self.topology.get_pod(topo)?;
-        Some(Source {
-            netns: &pod.netns,
-            ifindex: pod.ifindex,
-        })
+        Some(Source { netns })
+    }
+
+    /// Detaches every pod through the chain (the agent still running) and
+    /// clears the source; returns what went wrong. The rest goes on drop.
+    pub fn tear_down(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (name, pod) in std::mem::take(&mut self.pods).into_iter().rev() {
+            if let Err(e) = self.network.del(&pod.attached) {
+                problems.push(format!("pod {name}: {e:#}"));
+            }
+        }
+        if let Err(e) = self.source.clear() {
+            problems.push(format!("clearing the policy source: {e:#}"));
+        }
+        problems
+    }
+}
+
+impl Drop for Cluster {
+    /// Tears down what [`Cluster::tear_down`] has not (after an early
+    /// return or a panic).
+    fn drop(&mut self) {
+        for problem in self.tear_down() {
+            eprintln!("teardown: {problem}");
+        }
     }
 }
 

@@ -4,15 +4,13 @@
 //! times and must be blocked on every try.
 
 use std::io::{ErrorKind, Read as _};
-use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use palisade_tests::conformance::{Endpoint, Family, Observed, Probe, Protocol, Verdict};
-use palisade_tests::netns::{
-    GATEWAY_V4, GATEWAY_V6, Netns, ProbeResult, tcp_connect, tcp_probe, udp_probe,
-};
+use palisade_tests::netns::{Netns, ProbeResult, tcp_connect, tcp_probe, udp_probe};
 
 /// How long a try waits for an answer.
 pub const TIMEOUT: Duration = Duration::from_millis(800);
@@ -23,12 +21,27 @@ pub const DENY_TRIES: usize = 2;
 /// Probes in flight at once.
 const WORKERS: usize = 32;
 
-/// Where a probe starts: the namespace to open the socket in, and for the
-/// node as a destination, the interface index the link-local gateway needs.
+/// Where a probe starts: the namespace to open the socket in.
 pub struct Source<'a> {
     pub netns: &'a Netns,
-    /// `eth0`'s index in a pod or external (0 for the node).
-    pub ifindex: u32,
+}
+
+/// The node's addresses on the pod network (the pods' gateway): where
+/// probes to `node` go.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeAddresses {
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+impl NodeAddresses {
+    /// The address of `family`.
+    pub fn of(self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => IpAddr::V4(self.v4),
+            Family::V6 => IpAddr::V6(self.v6),
+        }
+    }
 }
 
 /// Whether the kernel can open SCTP sockets.
@@ -44,19 +57,14 @@ pub fn sctp_available() -> bool {
     }
 }
 
-fn target(probe: &Probe, source: &Source<'_>) -> SocketAddr {
-    match (probe.dst_ip, probe.family) {
-        (Some(ip), _) => SocketAddr::new(ip, probe.port),
-        // The node: its address on the source's link (the gateway).
-        (None, Family::V4) => SocketAddr::new(IpAddr::V4(GATEWAY_V4), probe.port),
-        (None, Family::V6) => {
-            SocketAddr::V6(SocketAddrV6::new(GATEWAY_V6, probe.port, 0, source.ifindex))
-        }
-    }
+fn target(probe: &Probe, node: NodeAddresses) -> SocketAddr {
+    // No destination address: the node.
+    let ip = probe.dst_ip.unwrap_or_else(|| node.of(probe.family));
+    SocketAddr::new(ip, probe.port)
 }
 
-fn try_once(probe: &Probe, source: &Source<'_>) -> ProbeResult {
-    let dst = target(probe, source);
+fn try_once(probe: &Probe, source: &Source<'_>, node: NodeAddresses) -> ProbeResult {
+    let dst = target(probe, node);
     match probe.protocol {
         // Through a service the backend's port greets (the target port).
         Protocol::Tcp if matches!(probe.to, Endpoint::Service(_)) => service_tcp(source.netns, dst),
@@ -110,7 +118,7 @@ fn observe(result: &ProbeResult) -> Observed {
 }
 
 /// One probe, with its retries.
-pub fn run_one(probe: &Probe, source: &Source<'_>, sctp: bool) -> Observed {
+pub fn run_one(probe: &Probe, source: &Source<'_>, node: NodeAddresses, sctp: bool) -> Observed {
     if probe.needs_sctp() {
         return if sctp {
             Observed::Skipped("the runner has no SCTP client".into())
@@ -124,7 +132,7 @@ pub fn run_one(probe: &Probe, source: &Source<'_>, sctp: bool) -> Observed {
     };
     let mut last = Observed::Blocked;
     for _ in 0..tries {
-        last = observe(&try_once(probe, source));
+        last = observe(&try_once(probe, source, node));
         match (probe.expected, &last) {
             // Allowed once is allowed; for a deny it is already a failure.
             (_, Observed::Allowed) => return last,
@@ -139,6 +147,7 @@ pub fn run_one(probe: &Probe, source: &Source<'_>, sctp: bool) -> Observed {
 /// starts (`None`: an error, the endpoint does not exist).
 pub fn run_all<'a>(
     probes: &[Probe],
+    node: NodeAddresses,
     source: impl Fn(&Endpoint) -> Option<Source<'a>> + Sync,
 ) -> Vec<Observed> {
     let sctp = sctp_available();
@@ -151,7 +160,7 @@ pub fn run_all<'a>(
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(probe) = probes.get(i) else { break };
                     let observed = match source(&probe.from) {
-                        Some(src) => run_one(probe, &src, sctp),
+                        Some(src) => run_one(probe, &src, node, sctp),
                         None => Observed::Error(format!("no source {}", probe.from)),
                     };
                     results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(observed);
