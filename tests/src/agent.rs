@@ -255,18 +255,7 @@ impl Agent {
             }
         }
         if detached {
-            command.process_group(0);
-            // SAFETY: prctl is async-signal-safe. The signal comes when the
-            // spawning thread exits, so spawn from one that lives as long
-            // as the agent should (e.g. the main thread).
-            unsafe {
-                command.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            crate::child::detach_until_spawner_exits(&mut command);
         }
         let child = command
             .spawn()

@@ -32,7 +32,6 @@ use std::{
     future::Future,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -638,16 +637,7 @@ fn spawn_logged(command: &mut Command, log: &Path, detached: bool) -> Result<Chi
     let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     if detached {
-        command.process_group(0);
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::child::detach_until_spawner_exits(command);
     }
     command
         .stdin(Stdio::null())

@@ -2,6 +2,7 @@
 //! BPF_PROG_TEST_RUN and network-namespace topologies with real sockets.
 
 pub mod agent;
+pub mod child;
 pub mod cni;
 pub mod conformance;
 pub mod fixture;

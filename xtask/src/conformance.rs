@@ -33,29 +33,37 @@ pub struct Options {
 
 /// The scenario directories to run.
 fn scenario_dirs(opts: &Options) -> Result<Vec<PathBuf>> {
-    let root = util::workspace_root();
     if !opts.scenarios.is_empty() {
         // Absolute, since the runner starts in the workspace root.
         let cwd = std::env::current_dir().context("current directory")?;
         return Ok(opts.scenarios.iter().map(|d| cwd.join(d)).collect());
     }
-    let dirs: Vec<PathBuf> = [
-        root.join("tests/scenarios"),
-        root.join("../shared/scenarios/netpol"),
-    ]
-    .into_iter()
-    .filter_map(|d| d.canonicalize().ok().filter(|d| d.is_dir()))
-    .collect();
+    let dirs = default_scenario_dirs();
     if dirs.is_empty() {
         bail!("no scenario directory found: pass --scenarios DIR");
     }
     Ok(dirs)
 }
 
-pub fn run(opts: &Options) -> Result<()> {
-    util::require_root("cargo xtask conformance")?;
-    let dirs = scenario_dirs(opts)?;
-    build_ebpf::run(&build_ebpf::Options::default())?;
+/// `tests/scenarios` and `../shared/scenarios/netpol`, those that exist
+/// (a missing one is said on stderr).
+pub fn default_scenario_dirs() -> Vec<PathBuf> {
+    let root = util::workspace_root();
+    let mut dirs = Vec::new();
+    for dir in [
+        root.join("tests/scenarios"),
+        root.join("../shared/scenarios/netpol"),
+    ] {
+        match dir.canonicalize() {
+            Ok(dir) if dir.is_dir() => dirs.push(dir),
+            _ => eprintln!("conformance: {} not found, skipped", dir.display()),
+        }
+    }
+    dirs
+}
+
+/// The arguments of `cargo` that run the runner on `dirs`.
+pub fn runner_args(source: Option<&str>, dirs: &[PathBuf], filter: Option<&str>) -> Vec<String> {
     let mut args: Vec<String> = [
         "run",
         "--quiet",
@@ -67,16 +75,24 @@ pub fn run(opts: &Options) -> Result<()> {
     ]
     .map(str::to_owned)
     .to_vec();
-    if let Some(source) = &opts.source {
-        args.extend(["--source".to_owned(), source.clone()]);
+    if let Some(source) = source {
+        args.extend(["--source".to_owned(), source.to_owned()]);
     }
-    for dir in &dirs {
+    for dir in dirs {
         args.push("--scenarios".into());
         args.push(dir.display().to_string());
     }
-    if let Some(filter) = &opts.filter {
-        args.extend(["--filter".to_owned(), filter.clone()]);
+    if let Some(filter) = filter {
+        args.extend(["--filter".to_owned(), filter.to_owned()]);
     }
+    args
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    util::require_root("cargo xtask conformance")?;
+    let dirs = scenario_dirs(opts)?;
+    build_ebpf::run(&build_ebpf::Options::default())?;
+    let args = runner_args(opts.source.as_deref(), &dirs, opts.filter.as_deref());
     eprintln!("$ {}", cmd!(util::cargo()).args(&args));
     // Replace this process so that Ctrl-C reaches the runner, which tears
     // its namespaces and agent down; its exit status is ours.

@@ -45,34 +45,12 @@ pub fn run(opts: &Options) -> Result<()> {
 /// above; each run's last line is `N passed, N failed[, N skipped]`
 /// (scenarios). Both runs happen; the task fails if either did.
 fn conformance() -> Result<()> {
-    let root = util::workspace_root();
-    let mut dirs = Vec::new();
-    for dir in [
-        root.join("tests/scenarios"),
-        root.join("../shared/scenarios/netpol"),
-    ] {
-        match dir.canonicalize() {
-            Ok(dir) if dir.is_dir() => dirs.push(dir),
-            _ => eprintln!("conformance: {} not found, skipped", dir.display()),
-        }
-    }
+    let dirs = crate::conformance::default_scenario_dirs();
     let run = |source: &str| {
-        let mut run = cmd!(
-            util::cargo(),
-            "run",
-            "--quiet",
-            "--package",
-            "palisade-tests",
-            "--bin",
-            "palisade-conformance",
-            "--",
-            "--source",
-            source
-        );
-        for dir in &dirs {
-            run = run.arg("--scenarios").arg(dir);
-        }
-        run.current_dir(&root).run()
+        cmd!(util::cargo())
+            .args(crate::conformance::runner_args(Some(source), &dirs, None))
+            .current_dir(util::workspace_root())
+            .run()
     };
     let files = run("files");
     let kube = run("kube");
