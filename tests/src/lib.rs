@@ -10,3 +10,14 @@ pub mod kube;
 pub mod netns;
 pub mod packet;
 pub mod workspace_bin;
+
+/// Whether the test runs as root (kernel tests need it); says it is skipped
+/// when not.
+pub fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        true
+    } else {
+        eprintln!("skipped: needs root");
+        false
+    }
+}

@@ -28,14 +28,7 @@ const WAIT: Duration = Duration::from_secs(20);
 const OPEN_WAIT: Duration = Duration::from_secs(2);
 const DROP_WAIT: Duration = Duration::from_millis(300);
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("skipped: needs root");
-        false
-    }
-}
+use palisade_tests::is_root;
 
 const POLICIES: &str = r#"
 apiVersion: networking.k8s.io/v1

@@ -30,14 +30,7 @@ const ALPHA_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 212, 1, 3);
 const BETA_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 212, 2, 2);
 const STRAY: Ipv4Addr = Ipv4Addr::new(10, 212, 3, 2);
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("skipped: needs root");
-        false
-    }
-}
+use palisade_tests::is_root;
 
 /// Topology name, namespace, pod name, address, labels.
 type PodSpec = (

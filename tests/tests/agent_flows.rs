@@ -54,14 +54,7 @@ spec:
     - {protocol: TCP, port: 8080}
 "#;
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("skipped: needs root");
-        false
-    }
-}
+use palisade_tests::is_root;
 
 struct Cluster {
     _tcp: Vec<TcpServer>,

@@ -41,14 +41,7 @@ spec:
   policyTypes: [Ingress]
 "#;
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("skipped: needs root");
-        false
-    }
-}
+use palisade_tests::is_root;
 
 /// The PEM files of the test's certificates.
 struct Pki {

@@ -28,14 +28,7 @@ const DROP_WAIT: Duration = Duration::from_millis(300);
 /// More prefixes than PALISADE_PEER_CIDRS holds.
 const PREFIXES: usize = 70_000;
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("skipped: needs root");
-        false
-    }
-}
+use palisade_tests::is_root;
 
 fn cluster_yaml() -> String {
     manifest::documents(&[

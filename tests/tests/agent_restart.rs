@@ -36,14 +36,7 @@ const OPEN_WAIT: Duration = Duration::from_secs(2);
 const DROP_WAIT: Duration = Duration::from_millis(300);
 const EXCHANGE_WAIT: Duration = Duration::from_secs(1);
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("skipped: needs root");
-        false
-    }
-}
+use palisade_tests::is_root;
 
 fn cluster_yaml() -> String {
     manifest::documents(&[

@@ -58,14 +58,7 @@ const ANY6: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 
 type Event = (FlowEvent, DecodedCodes);
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("skipped: needs root");
-        false
-    }
-}
+use palisade_tests::is_root;
 
 // ---------------------------------------------------------------------------
 // Environment

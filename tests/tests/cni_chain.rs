@@ -37,14 +37,7 @@ const DROP_WAIT: Duration = Duration::from_millis(500);
 /// The plugin's timeoutSeconds in the installed conflist.
 const PLUGIN_TIMEOUT_SECS: f64 = 10.0;
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("skipped: needs root");
-        false
-    }
-}
+use palisade_tests::is_root;
 
 const LOCK_DOWN: &str = r#"
 apiVersion: networking.k8s.io/v1

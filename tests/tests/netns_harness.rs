@@ -18,14 +18,7 @@ const OPEN_WAIT: Duration = Duration::from_secs(3);
 const DROP_WAIT: Duration = Duration::from_millis(400);
 const NEGATIVE_WAIT: Duration = Duration::from_millis(300);
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("skipped: needs root");
-        false
-    }
-}
+use palisade_tests::is_root;
 
 const ANY6: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 
