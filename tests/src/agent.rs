@@ -137,6 +137,48 @@ pub struct AgentOptions {
     pub start_timeout: Duration,
 }
 
+impl AgentOptions {
+    /// The agent of a harness topology: in its node namespace, the node's
+    /// addresses those of the pods' gateway.
+    pub fn in_topology(node_name: &str, topology: &crate::netns::Topology) -> Self {
+        Self {
+            node_name: node_name.to_owned(),
+            node_ips: vec![
+                IpAddr::V4(crate::netns::GATEWAY_V4),
+                IpAddr::V6(crate::netns::GATEWAY_V6),
+            ],
+            netns: Some(topology.node_ns().path().to_owned()),
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Registers the harness pod `pod` as `namespace/name` (its IPv4 address),
+/// as the CNI plugin would, and waits until the agent enforces it.
+pub fn register_and_wait(
+    client: &mut Client,
+    namespace: &str,
+    name: &str,
+    container_id: &str,
+    pod: &crate::netns::Pod,
+    timeout: Duration,
+) -> Result<proto::RegisterResponse> {
+    let done = client
+        .register(proto::RegisterRequest {
+            namespace: namespace.to_owned(),
+            pod_name: name.to_owned(),
+            container_id: container_id.to_owned(),
+            netns_path: pod.netns.path().display().to_string(),
+            host_interface: pod.host_ifname.clone(),
+            ips: vec![pod.ip4.to_string()],
+        })
+        .map_err(|e| anyhow!("registering {namespace}/{name}: {e}"))?;
+    client
+        .wait_enforced(Some(container_id), done.revision, timeout)
+        .map_err(|e| anyhow!("waiting for {namespace}/{name} to be enforced: {e}"))?;
+    Ok(done)
+}
+
 /// Where the agent reads the cluster from.
 #[derive(Clone, Copy, Debug)]
 pub enum AgentSource<'a> {

@@ -164,19 +164,15 @@ impl Cluster {
         let pod = self.topo.pod(topo_name);
         let container = format!("ctr-{}-{topo_name}", self.prefix);
         let mut client = self.client();
-        let done = client
-            .register(proto::RegisterRequest {
-                namespace: "alpha".to_owned(),
-                pod_name: name.to_owned(),
-                container_id: container.clone(),
-                netns_path: pod.netns.path().display().to_string(),
-                host_interface: pod.host_ifname.clone(),
-                ips: vec![pod.ip4.to_string()],
-            })
-            .unwrap_or_else(|e| panic!("registering {topo_name}: {e}\n{}", self.agent.log_tail()));
-        client
-            .wait_enforced(Some(&container), done.revision, WAIT)
-            .unwrap_or_else(|e| panic!("waiting for {topo_name}: {e}\n{}", self.agent.log_tail()));
+        palisade_tests::agent::register_and_wait(
+            &mut client,
+            "alpha",
+            name,
+            &container.clone(),
+            pod,
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", self.agent.log_tail()));
     }
 
     fn sync(&self) -> u64 {

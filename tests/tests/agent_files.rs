@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use palisade_tests::agent::{Agent, AgentDirs, AgentOptions, Client, Code, manifest, proto};
-use palisade_tests::netns::{GATEWAY_V4, GATEWAY_V6, ProbeResult, TcpServer, Topology, tcp_probe};
+use palisade_tests::netns::{ProbeResult, TcpServer, Topology, tcp_probe};
 
 const PREFIX: &str = "agfl";
 const NODE: &str = "agfl-node";
@@ -188,16 +188,8 @@ impl Cluster {
                 );
             }
         }
-        let agent = Agent::start(
-            &dirs,
-            &AgentOptions {
-                node_name: NODE.to_owned(),
-                node_ips: vec![IpAddr::V4(GATEWAY_V4), IpAddr::V6(GATEWAY_V6)],
-                netns: Some(topo.node_ns().path().to_owned()),
-                start_timeout: Duration::from_secs(30),
-            },
-        )
-        .expect("starting the agent");
+        let agent = Agent::start(&dirs, &AgentOptions::in_topology(NODE, &topo))
+            .expect("starting the agent");
         Self {
             _servers: servers,
             agent,
@@ -215,21 +207,17 @@ impl Cluster {
     fn register(&self, topo_name: &str, namespace: &str, name: &str) -> proto::Endpoint {
         let pod = self.topo.pod(topo_name);
         let mut client = self.client();
-        let done = client
-            .register(proto::RegisterRequest {
-                namespace: namespace.to_owned(),
-                pod_name: name.to_owned(),
-                container_id: container(topo_name),
-                netns_path: pod.netns.path().display().to_string(),
-                host_interface: pod.host_ifname.clone(),
-                ips: vec![pod.ip4.to_string()],
-            })
-            .unwrap_or_else(|e| panic!("registering {topo_name}: {e}\n{}", self.agent.log_tail()));
+        let done = palisade_tests::agent::register_and_wait(
+            &mut client,
+            namespace,
+            name,
+            &container(topo_name),
+            pod,
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", self.agent.log_tail()));
         let endpoint = done.endpoint.expect("endpoint");
         assert_eq!(endpoint.ifindex, pod.host_ifindex);
-        client
-            .wait_enforced(Some(&container(topo_name)), done.revision, WAIT)
-            .unwrap_or_else(|e| panic!("waiting for {topo_name}: {e}\n{}", self.agent.log_tail()));
         endpoint
     }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use palisade_tests::agent::{self, Agent, AgentDirs, AgentOptions, Client, manifest, proto};
 use palisade_tests::netns::{
-    GATEWAY_V4, GATEWAY_V6, ProbeResult, TcpServer, Topology, UdpEchoServer, tcp_probe, udp_probe,
+    ProbeResult, TcpServer, Topology, UdpEchoServer, tcp_probe, udp_probe,
 };
 use serde_json::Value;
 
@@ -97,16 +97,8 @@ impl Cluster {
             .map(|port| TcpServer::start(web, any, port).expect("tcp server"))
             .collect();
         let udp = UdpEchoServer::start(web, any, 9000).expect("udp server");
-        let agent = Agent::start(
-            &dirs,
-            &AgentOptions {
-                node_name: NODE.to_owned(),
-                node_ips: vec![IpAddr::V4(GATEWAY_V4), IpAddr::V6(GATEWAY_V6)],
-                netns: Some(topo.node_ns().path().to_owned()),
-                start_timeout: Duration::from_secs(30),
-            },
-        )
-        .expect("starting the agent");
+        let agent = Agent::start(&dirs, &AgentOptions::in_topology(NODE, &topo))
+            .expect("starting the agent");
         let cluster = Self {
             _tcp: tcp,
             _udp: udp,
@@ -117,19 +109,15 @@ impl Cluster {
         let mut client = cluster.client();
         for (topo_name, ns, name, _, _) in PODS {
             let pod = cluster.topo.pod(topo_name);
-            let done = client
-                .register(proto::RegisterRequest {
-                    namespace: ns.to_owned(),
-                    pod_name: name.to_owned(),
-                    container_id: format!("ctr-{prefix}-{topo_name}"),
-                    netns_path: pod.netns.path().display().to_string(),
-                    host_interface: pod.host_ifname.clone(),
-                    ips: vec![pod.ip4.to_string()],
-                })
-                .unwrap_or_else(|e| panic!("registering {topo_name}: {e}"));
-            client
-                .wait_enforced(None, done.revision, WAIT)
-                .unwrap_or_else(|e| panic!("{e}\n{}", cluster.agent.log_tail()));
+            palisade_tests::agent::register_and_wait(
+                &mut client,
+                ns,
+                name,
+                &format!("ctr-{prefix}-{topo_name}"),
+                pod,
+                WAIT,
+            )
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.agent.log_tail()));
         }
         client.sync_and_wait(WAIT).expect("sync");
         cluster

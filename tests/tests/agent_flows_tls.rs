@@ -24,7 +24,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use palisade_tests::agent::{self, Agent, AgentDirs, AgentOptions, Client, Code, manifest, proto};
-use palisade_tests::netns::{GATEWAY_V4, GATEWAY_V6, ProbeResult, TcpServer, Topology, tcp_probe};
+use palisade_tests::netns::{ProbeResult, TcpServer, Topology, tcp_probe};
 use policy_agent::api::tls;
 
 const NODE: &str = "agtls-node";
@@ -178,19 +178,15 @@ impl Cluster {
         let mut client = self.agent.client().expect("API client");
         for name in ["web", "client"] {
             let pod = self.topo.pod(name);
-            let done = client
-                .register(proto::RegisterRequest {
-                    namespace: "alpha".to_owned(),
-                    pod_name: name.to_owned(),
-                    container_id: format!("ctr-{}-{name}", self.prefix),
-                    netns_path: pod.netns.path().display().to_string(),
-                    host_interface: pod.host_ifname.clone(),
-                    ips: vec![pod.ip4.to_string()],
-                })
-                .unwrap_or_else(|e| panic!("registering {name}: {e}"));
-            client
-                .wait_enforced(None, done.revision, WAIT)
-                .unwrap_or_else(|e| panic!("{e}\n{}", self.agent.log_tail()));
+            palisade_tests::agent::register_and_wait(
+                &mut client,
+                "alpha",
+                name,
+                &format!("ctr-{}-{name}", self.prefix),
+                pod,
+                WAIT,
+            )
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.agent.log_tail()));
         }
         client.sync_and_wait(WAIT).expect("sync");
     }
@@ -210,16 +206,7 @@ impl Cluster {
 }
 
 fn start_agent(dirs: &AgentDirs, topo: &Topology, extra: &[String]) -> anyhow::Result<Agent> {
-    Agent::start_with_args(
-        dirs,
-        &AgentOptions {
-            node_name: NODE.to_owned(),
-            node_ips: vec![IpAddr::V4(GATEWAY_V4), IpAddr::V6(GATEWAY_V6)],
-            netns: Some(topo.node_ns().path().to_owned()),
-            start_timeout: Duration::from_secs(30),
-        },
-        extra,
-    )
+    Agent::start_with_args(dirs, &AgentOptions::in_topology(NODE, topo), extra)
 }
 
 /// A free TCP port on 127.0.0.1 in the node's namespace.

@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use palisade_tests::agent::{Agent, AgentDirs, AgentOptions, Code, manifest, proto};
-use palisade_tests::netns::{GATEWAY_V4, GATEWAY_V6, ProbeResult, TcpServer, Topology, tcp_probe};
+use palisade_tests::netns::{ProbeResult, TcpServer, Topology, tcp_probe};
 
 const PREFIX: &str = "agmf";
 const NODE: &str = "agmf-node";
@@ -147,32 +147,19 @@ fn a_full_map_is_reported_and_the_previous_enforcement_stays() {
             .expect("server")
         })
         .collect();
-    let agent = Agent::start(
-        &dirs,
-        &AgentOptions {
-            node_name: NODE.to_owned(),
-            node_ips: vec![IpAddr::V4(GATEWAY_V4), IpAddr::V6(GATEWAY_V6)],
-            netns: Some(topo.node_ns().path().to_owned()),
-            start_timeout: Duration::from_secs(30),
-        },
-    )
-    .expect("agent");
+    let agent = Agent::start(&dirs, &AgentOptions::in_topology(NODE, &topo)).expect("agent");
     let mut client = agent.client().expect("client");
     for name in ["a", "b"] {
         let pod = topo.pod(name);
-        let done = client
-            .register(proto::RegisterRequest {
-                namespace: "app".into(),
-                pod_name: name.into(),
-                container_id: format!("ctr-{PREFIX}-{name}"),
-                netns_path: pod.netns.path().display().to_string(),
-                host_interface: pod.host_ifname.clone(),
-                ips: vec![pod.ip4.to_string()],
-            })
-            .unwrap_or_else(|e| panic!("register {name}: {e}\n{}", agent.log_tail()));
-        client
-            .wait_enforced(None, done.revision, WAIT)
-            .unwrap_or_else(|e| panic!("wait for {name}: {e}\n{}", agent.log_tail()));
+        palisade_tests::agent::register_and_wait(
+            &mut client,
+            "app",
+            name,
+            &format!("ctr-{PREFIX}-{name}"),
+            pod,
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log_tail()));
     }
     check_enforcement(&topo, &agent, "before");
     let good = client.status().expect("status");

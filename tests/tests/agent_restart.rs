@@ -23,9 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use palisade_tests::agent::{Agent, AgentDirs, AgentOptions, dump_pinned_maps, manifest, proto};
-use palisade_tests::netns::{
-    GATEWAY_V4, GATEWAY_V6, Netns, ProbeResult, TcpClient, TcpServer, Topology, tcp_probe,
-};
+use palisade_tests::netns::{Netns, ProbeResult, TcpClient, TcpServer, Topology, tcp_probe};
 
 const PREFIX: &str = "agrs";
 const NODE: &str = "agrs-node";
@@ -84,12 +82,7 @@ spec:
 }
 
 fn options(topo: &Topology) -> AgentOptions {
-    AgentOptions {
-        node_name: NODE.to_owned(),
-        node_ips: vec![IpAddr::V4(GATEWAY_V4), IpAddr::V6(GATEWAY_V6)],
-        netns: Some(topo.node_ns().path().to_owned()),
-        start_timeout: Duration::from_secs(30),
-    }
+    AgentOptions::in_topology(NODE, topo)
 }
 
 fn b_addr(port: u16) -> SocketAddr {
@@ -202,19 +195,15 @@ fn with_traffic<T: Send>(
 fn register(agent: &Agent, topo: &Topology, name: &str) -> proto::Endpoint {
     let pod = topo.pod(name);
     let mut client = agent.client().expect("client");
-    let done = client
-        .register(proto::RegisterRequest {
-            namespace: "app".into(),
-            pod_name: name.into(),
-            container_id: format!("ctr-{name}"),
-            netns_path: pod.netns.path().display().to_string(),
-            host_interface: pod.host_ifname.clone(),
-            ips: vec![pod.ip4.to_string()],
-        })
-        .unwrap_or_else(|e| panic!("register {name}: {e}\n{}", agent.log_tail()));
-    client
-        .wait_enforced(Some(&format!("ctr-{name}")), done.revision, WAIT)
-        .unwrap_or_else(|e| panic!("wait {name}: {e}\n{}", agent.log_tail()));
+    let done = palisade_tests::agent::register_and_wait(
+        &mut client,
+        "app",
+        name,
+        &format!("ctr-{name}"),
+        pod,
+        WAIT,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log_tail()));
     done.endpoint.expect("endpoint")
 }
 

@@ -104,11 +104,6 @@ impl RuleIds {
     }
 
     /// Every id and its rule.
-    pub fn into_map(self) -> BTreeMap<u32, RuleRef> {
-        self.by_id
-    }
-
-    /// Every id and its rule.
     pub fn map(&self) -> &BTreeMap<u32, RuleRef> {
         &self.by_id
     }
@@ -137,7 +132,7 @@ mod tests {
         let b = policy("ns", "b", 1, 0);
         let ids = RuleIds::assign([&a, &b]);
         let a0 = ids.id(&a.object_ref(), Direction::Ingress, 0).expect("id");
-        let map = ids.into_map();
+        let map = ids.map();
         assert_eq!(map.len(), 4);
         assert!(!map.contains_key(&0));
         assert_eq!(map[&a0].index, 0);

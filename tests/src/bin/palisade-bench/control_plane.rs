@@ -358,17 +358,16 @@ pub fn run(opts: &Options) -> Result<()> {
     node.setup_basics()?;
     create_interfaces(&node, cluster.local.len())?;
 
+    let options = AgentOptions {
+        node_name: NODE.to_owned(),
+        node_ips: vec![IpAddr::V4(NODE_IP)],
+        netns: Some(node.path().to_owned()),
+        start_timeout: WAIT,
+    };
+
     // ----- cold sync ------------------------------------------------------
     let started = Instant::now();
-    let agent = Agent::start(
-        &dirs,
-        &AgentOptions {
-            node_name: NODE.to_owned(),
-            node_ips: vec![IpAddr::V4(NODE_IP)],
-            netns: Some(node.path().to_owned()),
-            start_timeout: WAIT,
-        },
-    )?;
+    let agent = Agent::start(&dirs, &options)?;
     let api_up = started.elapsed();
     let mut client = agent.client()?;
     let mut revision = 0;
@@ -484,15 +483,7 @@ pub fn run(opts: &Options) -> Result<()> {
         }
     }
     let restarted = Instant::now();
-    let agent = Agent::start(
-        &dirs,
-        &AgentOptions {
-            node_name: NODE.to_owned(),
-            node_ips: vec![IpAddr::V4(NODE_IP)],
-            netns: Some(node.path().to_owned()),
-            start_timeout: WAIT,
-        },
-    )?;
+    let agent = Agent::start(&dirs, &options)?;
     let mut client = agent.client()?;
     let restart_ready = loop {
         let status = client.status()?;
