@@ -32,9 +32,6 @@ use crate::{
 pub const PASS: i32 = TC_ACT_UNSPEC;
 pub const DROP: i32 = TC_ACT_SHOT;
 
-/// Headers the parser may need in the linear part of the skb.
-const PULL_LEN: u32 = 128;
-
 struct Outcome {
     reason: Reason,
     rule_id: u32,
@@ -75,7 +72,6 @@ impl Outcome {
 pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
     let len = ctx.len();
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    pull_headers(ctx, len);
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return DROP;
     };
@@ -390,14 +386,6 @@ fn drop_unparsed(
     };
     emit(event, None, &info);
     DROP
-}
-
-#[inline(always)]
-fn pull_headers(ctx: &TcContext, len: u32) {
-    let linear = (ctx.data_end() - ctx.data()) as u32;
-    if linear < len && linear < PULL_LEN {
-        let _ = ctx.pull_data(if len < PULL_LEN { len } else { PULL_LEN });
-    }
 }
 
 #[inline(always)]

@@ -4,6 +4,11 @@
 //! TCP flags, ICMP type, fragment position, and for ICMP errors the tuple of the
 //! packet they quote. Anything truncated or inconsistent is `Malformed`: the
 //! caller drops it, so a header the classifier cannot read never passes.
+//!
+//! Headers outside the skb's linear area are copied out with
+//! `bpf_skb_load_bytes`, never pulled in: pulling a cloned skb (every TCP
+//! segment that carries data is a clone, the original waits for its ACK)
+//! reallocates and copies its head, which costs more than the whole verdict.
 
 use core::mem::size_of;
 
@@ -120,7 +125,11 @@ struct Loaded<'a>(&'a TcContext);
 impl Bytes for Direct<'_> {
     #[inline(always)]
     fn get<T: Copy>(&self, offset: usize) -> Option<T> {
-        ptr_at::<T>(self.0, offset).map(|p| unsafe { p.read_unaligned() })
+        match ptr_at::<T>(self.0, offset) {
+            Some(p) => Some(unsafe { p.read_unaligned() }),
+            // Beyond the linear area (or beyond the packet: then this fails too).
+            None => self.0.load::<T>(offset).ok(),
+        }
     }
 }
 
@@ -143,10 +152,11 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 
 #[inline(always)]
 pub fn parse(ctx: &TcContext, packet: &mut Packet) -> Parsed {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    const ETHER_TYPE: usize = EthHdr::LEN - 2;
+    let Some(ether_type) = Direct(ctx).get::<[u8; 2]>(ETHER_TYPE) else {
         return Parsed::Malformed;
     };
-    match u16::from_be(unsafe { (*eth).ether_type }) {
+    match u16::from_be_bytes(ether_type) {
         ETH_P_IP => parse_ipv4(ctx, EthHdr::LEN, packet),
         ETH_P_IPV6 => parse_ipv6(ctx, EthHdr::LEN, packet),
         ETH_P_ARP => Parsed::Control,
@@ -156,10 +166,9 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, off: usize, packet: &mut Packet) -> Parsed {
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, off) else {
+    let Some(ip) = Direct(ctx).get::<Ipv4Hdr>(off) else {
         return Parsed::Malformed;
     };
-    let ip = unsafe { &*ip };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     let total_len = u16::from_be_bytes(ip.tot_len) as usize;
     if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || total_len < ihl {
@@ -188,19 +197,26 @@ fn parse_ipv4(ctx: &TcContext, off: usize, packet: &mut Packet) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, off: usize, packet: &mut Packet) -> Parsed {
-    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, off) else {
+    // Version, flow label, payload length, next header, hop limit; then the
+    // addresses, read straight into the tuple.
+    let Some(fixed) = Direct(ctx).get::<[u8; 8]>(off) else {
         return Parsed::Malformed;
     };
-    let ip = unsafe { &*ip };
-    if ip.vcf[0] >> 4 != 6 {
+    if fixed[0] >> 4 != 6 {
         return Parsed::Malformed;
     }
-    let mut next = ip.next_hdr;
+    let (Some(src), Some(dst)) = (
+        Direct(ctx).get::<Addr>(off + 8),
+        Direct(ctx).get::<Addr>(off + 24),
+    ) else {
+        return Parsed::Malformed;
+    };
+    let mut next = fixed[6];
     let mut l4 = off + Ipv6Hdr::LEN;
     packet.fragment = Fragment::None;
     packet.family = 6;
-    packet.tuple.src = ip.src_addr;
-    packet.tuple.dst = ip.dst_addr;
+    packet.tuple.src = src;
+    packet.tuple.dst = dst;
 
     let mut walked = 0;
     while walked < MAX_IPV6_EXT_HEADERS {
