@@ -310,13 +310,17 @@ pub struct CtEntry {
     pub flags: u8,
     /// [`Reason`](crate::Reason) of the verdict that opened or last re-judged it.
     pub reason: u8,
+    /// For the origin side (0) and the reply side (1), once it sent FIN: the
+    /// acknowledgment number that covers that FIN. When both FINs are
+    /// acknowledged the entry is removed.
+    pub fin_ack: [u32; 2],
     pub _pad: u32,
 }
 
 pub mod ct_state {
     /// Open and passing.
     pub const OPEN: u8 = 1;
-    /// Both sides sent FIN: only the last ACKs pass until a new SYN re-judges.
+    /// Both sides sent FIN; the entry goes once both FINs are acknowledged.
     pub const CLOSING: u8 = 2;
     /// Re-judged under a newer policy and denied: every packet drops until the
     /// next policy change allows it again or a new SYN is judged.
@@ -327,6 +331,8 @@ pub mod ct_flags {
     pub const SEEN_REPLY: u8 = 1 << 0;
     pub const FIN_FROM_ORIGIN: u8 = 1 << 1;
     pub const FIN_FROM_REPLY: u8 = 1 << 2;
+    pub const FIN_ACKED_ORIGIN: u8 = 1 << 3;
+    pub const FIN_ACKED_REPLY: u8 = 1 << 4;
 }
 
 /// Connection lifetimes without traffic, in seconds. The classifier keeps
@@ -451,7 +457,7 @@ const _: () = {
     assert!(size_of::<PortRule>() == 8);
     assert!(size_of::<PolicyValue>() == 8 + 8 * MAX_PORT_RANGES);
     assert!(size_of::<CtKey>() == 44);
-    assert!(size_of::<CtEntry>() == 32);
+    assert!(size_of::<CtEntry>() == 40);
     assert!(size_of::<FragKey>() == 44);
     assert!(size_of::<FragEntry>() == 8);
     assert!(size_of::<VerdictCounter>() == 16);

@@ -23,7 +23,7 @@ use crate::{
     },
     flow_cache::{self, Probe},
     maps::{CONFIG, CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
-    parse::{Fragment, IcmpKind, Packet, Parsed, Tuple, parse},
+    parse::{Fragment, IcmpKind, Packet, Parsed, Segment, Tuple, parse},
     policy::{judge, resolve_peer},
     report::{EventInfo, count, emit},
 };
@@ -103,7 +103,15 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
                 if entry.epoch == current_epoch(entry.endpoint_id)
                     && entry.state != ct_state::REVOKED
                 {
-                    match track(entry, direction, key.protocol, packet.flags_or_type, &clock) {
+                    let flags = packet.flags_or_type;
+                    match track(
+                        entry,
+                        direction,
+                        key.protocol,
+                        flags,
+                        &packet.segment,
+                        &clock,
+                    ) {
                         Update::Keep if cacheable => probe.fill(&key, entry, direction, &clock),
                         Update::Keep => {}
                         update => apply_closing(&key, update),
@@ -151,6 +159,7 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
             &key,
             entry,
             packet.flags_or_type,
+            &packet.segment,
             &clock,
         ),
         None => decide(ifindex, ep, direction, generation, packet, &clock),
@@ -237,6 +246,7 @@ fn decide(
             state: ct_state::OPEN,
             flags: 0,
             reason: judgement.reason as u8,
+            fin_ack: [0; 2],
             _pad: 0,
         };
         let key = key_for(ifindex, tuple, direction);
@@ -265,6 +275,7 @@ fn rejudge(
     key: &CtKey,
     entry: &mut CtEntry,
     tcp_flags: u8,
+    segment: &Segment,
     clock: &Clock,
 ) -> Outcome {
     let epoch = current_epoch(ep.endpoint_id);
@@ -299,7 +310,7 @@ fn rejudge(
         outcome.peer.identity = entry.peer_identity;
         return outcome;
     }
-    let update = track(entry, direction, key.protocol, tcp_flags, clock);
+    let update = track(entry, direction, key.protocol, tcp_flags, segment, clock);
     apply_closing(key, update);
     Outcome::quiet(
         Reason::AllowedEstablished,
@@ -308,7 +319,8 @@ fn rejudge(
     )
 }
 
-/// Ends a connection on RST, and makes its cached slots stale on FIN or RST.
+/// Ends a connection on RST or when both FINs are acknowledged, and makes
+/// its cached slots stale on FIN or the end.
 #[inline(always)]
 fn apply_closing(key: &CtKey, update: Update) {
     match update {

@@ -7,7 +7,7 @@ use policy_common::{Config, CtEntry, CtKey, Direction, ct_flags, ct_state, ct_ti
 use crate::{
     addr,
     maps::EPOCHS,
-    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple},
+    parse::{Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple},
 };
 
 /// The key of `tuple` crossing pod interface `ifindex` in `direction`.
@@ -113,19 +113,28 @@ pub enum Update {
     Keep,
     /// FIN: the connection is closing (flow cache slots must go).
     Closing,
-    /// RST: the connection is over; the entry goes after this packet passes.
+    /// RST, or the ACK of the last unacknowledged FIN: the connection is
+    /// over; the entry goes after this packet passes.
     Remove,
 }
 
 /// Records reply, FIN and refresh time for a packet of an open connection.
 /// Writes only when something changed, to keep established packets from
 /// dirtying the shared entry.
+///
+/// A connection closed by FINs leaves conntrack as soon as both FINs are
+/// acknowledged (by sequence number, so simultaneous closes and ACKs of
+/// earlier data are told apart), not after a timeout: closed connections
+/// would otherwise fill the LRU map, and every insert of a new connection
+/// pays for walking its lists. A FIN retransmitted after that (its ACK was
+/// lost beyond this hook) is judged like any packet without an entry.
 #[inline(always)]
 pub fn track(
     entry: &mut CtEntry,
     direction: Direction,
     protocol: u8,
     tcp_flags: u8,
+    segment: &Segment,
     clock: &Clock,
 ) -> Update {
     let from_origin = entry.origin == direction as u8;
@@ -138,17 +147,39 @@ pub fn track(
         if tcp_flags & TCP_RST != 0 {
             return Update::Remove;
         }
+        // This side, and the side whose FIN this packet may acknowledge.
+        let (side, fin_from, other, other_fin_from, other_fin_acked) = if from_origin {
+            (
+                0,
+                ct_flags::FIN_FROM_ORIGIN,
+                1,
+                ct_flags::FIN_FROM_REPLY,
+                ct_flags::FIN_ACKED_REPLY,
+            )
+        } else {
+            (
+                1,
+                ct_flags::FIN_FROM_REPLY,
+                0,
+                ct_flags::FIN_FROM_ORIGIN,
+                ct_flags::FIN_ACKED_ORIGIN,
+            )
+        };
         if tcp_flags & TCP_FIN != 0 {
             update = Update::Closing;
-            flags |= if from_origin {
-                ct_flags::FIN_FROM_ORIGIN
-            } else {
-                ct_flags::FIN_FROM_REPLY
-            };
-            if flags & (ct_flags::FIN_FROM_ORIGIN | ct_flags::FIN_FROM_REPLY)
-                == ct_flags::FIN_FROM_ORIGIN | ct_flags::FIN_FROM_REPLY
-            {
+            flags |= fin_from;
+            entry.fin_ack[side] = segment.seq.wrapping_add(segment.payload).wrapping_add(1);
+            if flags & BOTH_FINS == BOTH_FINS {
                 entry.state = ct_state::CLOSING;
+            }
+        }
+        if tcp_flags & TCP_ACK != 0
+            && flags & other_fin_from != 0
+            && segment.ack.wrapping_sub(entry.fin_ack[other]) as i32 >= 0
+        {
+            flags |= other_fin_acked;
+            if flags & BOTH_FINS_ACKED == BOTH_FINS_ACKED {
+                return Update::Remove;
             }
         }
     }
@@ -160,3 +191,6 @@ pub fn track(
     }
     update
 }
+
+const BOTH_FINS: u8 = ct_flags::FIN_FROM_ORIGIN | ct_flags::FIN_FROM_REPLY;
+const BOTH_FINS_ACKED: u8 = ct_flags::FIN_ACKED_ORIGIN | ct_flags::FIN_ACKED_REPLY;

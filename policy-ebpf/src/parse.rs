@@ -72,9 +72,21 @@ pub struct Tuple {
     pub protocol: u8,
 }
 
+/// What conntrack follows of a TCP segment to see a connection end: zero
+/// for other protocols.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Segment {
+    pub seq: u32,
+    pub ack: u32,
+    /// Bytes of data after the TCP header.
+    pub payload: u32,
+}
+
 #[repr(C)]
 pub struct Packet {
     pub tuple: Tuple,
+    pub segment: Segment,
     pub inner: Tuple,
     pub family: u8,
     /// TCP flags, or the ICMP type.
@@ -188,10 +200,17 @@ fn parse_ipv4(ctx: &TcContext, off: usize, packet: &mut Packet) -> Parsed {
     packet.family = 4;
     packet.tuple.set_v4(ip.src_addr, ip.dst_addr);
     packet.tuple.protocol = ip.proto;
+    let l4_len = (total_len - ihl) as u32;
     if ihl == Ipv4Hdr::LEN {
-        finish_l4(ctx, &Direct(ctx), EthHdr::LEN + Ipv4Hdr::LEN, packet)
+        finish_l4(
+            ctx,
+            &Direct(ctx),
+            EthHdr::LEN + Ipv4Hdr::LEN,
+            l4_len,
+            packet,
+        )
     } else {
-        finish_l4(ctx, &Loaded(ctx), off + ihl, packet)
+        finish_l4(ctx, &Loaded(ctx), off + ihl, l4_len, packet)
     }
 }
 
@@ -275,16 +294,36 @@ fn parse_ipv6(ctx: &TcContext, off: usize, packet: &mut Packet) -> Parsed {
         return Parsed::Ipv6ExtChain;
     }
     packet.tuple.protocol = next;
+    let payload_len = u32::from(u16::from_be_bytes([fixed[4], fixed[5]]));
+    let l4_len = payload_len.saturating_sub((l4 - off - Ipv6Hdr::LEN) as u32);
     if walked == 0 {
-        finish_l4(ctx, &Direct(ctx), EthHdr::LEN + Ipv6Hdr::LEN, packet)
+        finish_l4(
+            ctx,
+            &Direct(ctx),
+            EthHdr::LEN + Ipv6Hdr::LEN,
+            l4_len,
+            packet,
+        )
     } else {
-        finish_l4(ctx, &Loaded(ctx), l4, packet)
+        finish_l4(ctx, &Loaded(ctx), l4, l4_len, packet)
     }
 }
 
-/// Reads ports, flags and ICMP details at `l4`.
+/// Reads ports, flags and ICMP details at `l4`, where `l4_len` bytes of the
+/// IP payload start.
 #[inline(always)]
-fn finish_l4(ctx: &TcContext, bytes: &impl Bytes, l4: usize, packet: &mut Packet) -> Parsed {
+fn finish_l4(
+    ctx: &TcContext,
+    bytes: &impl Bytes,
+    l4: usize,
+    l4_len: u32,
+    packet: &mut Packet,
+) -> Parsed {
+    packet.segment = Segment {
+        seq: 0,
+        ack: 0,
+        payload: 0,
+    };
     packet.tuple.sport = 0;
     packet.tuple.dport = 0;
     packet.flags_or_type = 0;
@@ -303,6 +342,12 @@ fn finish_l4(ctx: &TcContext, bytes: &impl Bytes, l4: usize, packet: &mut Packet
             packet.tuple.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
             packet.tuple.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
             packet.flags_or_type = hdr[13];
+            let header_len = u32::from(hdr[12] >> 4) * 4;
+            packet.segment = Segment {
+                seq: u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]),
+                ack: u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]),
+                payload: l4_len.saturating_sub(header_len),
+            };
         }
         proto::UDP => {
             let Some(hdr) = bytes.get::<[u8; 8]>(l4) else {

@@ -512,6 +512,23 @@ fn policy_enforced_on_real_traffic() {
             client.close(OPEN_WAIT).unwrap();
             let evs = drain(events);
             assert!(evs.is_empty(), "closing writes no events:{}", show(&evs));
+            // Both FINs acknowledged: neither end keeps the connection.
+            let tracked = |dp: &mut Datapath| {
+                let ct = dp.conntrack().unwrap();
+                let keys: Vec<_> = ct.keys().map(Result::unwrap).collect();
+                keys.into_iter()
+                    .filter(|k| k.local_port == src.port() || k.peer_port == src.port())
+                    .count()
+            };
+            let deadline = Instant::now() + OPEN_WAIT;
+            while tracked(&mut env.dp) != 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(
+                tracked(&mut env.dp),
+                0,
+                "closed connection still tracked (v6={v6})"
+            );
         }
 
         // a -> b TCP 8081: silently dropped at b, whichever the family.

@@ -11,7 +11,7 @@ use palisade_tests::{
 use policy_common::{
     CtKey,
     Direction::{Egress, Ingress},
-    EndpointInfo, PolicyKey, Reason, Verdict, ct_flags, identity, proto, v4_mapped,
+    EndpointInfo, PolicyKey, Reason, Verdict, ct_flags, ct_state, identity, proto, v4_mapped,
 };
 
 const EP: u32 = 7;
@@ -628,6 +628,99 @@ fn closed_connection_leaves_no_opening() {
             .unwrap(),
         Reason::DeniedByPolicy,
     );
+}
+
+/// A segment of A's connection from `port` to LOCAL:80, with sequence and
+/// acknowledgment numbers and `data` bytes of payload.
+fn segment(from_a: bool, port: u16, flags: u8, seq: u32, ack: u32, data: usize) -> Vec<u8> {
+    let (src, sport, dst, dport) = if from_a {
+        (A, port, LOCAL, 80)
+    } else {
+        (LOCAL, 80, A, port)
+    };
+    Packet::new()
+        .ipv4(src, dst)
+        .tcp(sport, dport, flags)
+        .tcp_seq(seq, ack)
+        .payload(vec![0u8; data])
+        .build()
+}
+
+#[test]
+fn a_connection_closed_by_fins_leaves_conntrack_when_both_are_acknowledged() {
+    let mut c = classifier(true);
+    let port = 40010;
+    let key = tcp_key(A, port, 80);
+    let tracked = |c: &mut Classifier| c.datapath.conntrack().unwrap().get(&key, 0).is_ok();
+    open_from_a(&mut c, port);
+    // A sends its last 10 bytes with FIN: the FIN is covered by ack 1012.
+    expect_quiet_pass(
+        &c.run(Ingress, &segment(true, port, FIN | ACK, 1001, 5001, 10))
+            .unwrap(),
+    );
+    // Acknowledging part of the data is not acknowledging the FIN.
+    expect_quiet_pass(
+        &c.run(Egress, &segment(false, port, ACK, 5001, 1005, 0))
+            .unwrap(),
+    );
+    // The pod acknowledges A's FIN and sends its own.
+    expect_quiet_pass(
+        &c.run(Egress, &segment(false, port, FIN | ACK, 5001, 1012, 0))
+            .unwrap(),
+    );
+    let entry = c.datapath.conntrack().unwrap().get(&key, 0).unwrap();
+    assert_eq!(entry.state, ct_state::CLOSING, "{entry:?}");
+    // An older acknowledgment from A does not cover the pod's FIN...
+    expect_quiet_pass(
+        &c.run(Ingress, &segment(true, port, ACK, 1012, 5001, 0))
+            .unwrap(),
+    );
+    assert!(
+        tracked(&mut c),
+        "removed before the pod's FIN was acknowledged"
+    );
+    // ...the last ACK does: it passes, and the entry is gone.
+    expect_quiet_pass(
+        &c.run(Ingress, &segment(true, port, ACK, 1012, 5002, 0))
+            .unwrap(),
+    );
+    assert!(!tracked(&mut c), "a closed connection stayed in conntrack");
+    // Anything after that is judged anew: the pod (egress isolated, no
+    // rule) cannot send on the tuple.
+    expect_dropped(
+        &c.run(Egress, &segment(false, port, FIN | ACK, 5001, 1012, 0))
+            .unwrap(),
+        Reason::DeniedByPolicy,
+    );
+}
+
+#[test]
+fn a_simultaneous_close_keeps_the_entry_until_both_fins_are_acknowledged() {
+    let mut c = classifier(true);
+    let port = 40011;
+    let key = tcp_key(A, port, 80);
+    let tracked = |c: &mut Classifier| c.datapath.conntrack().unwrap().get(&key, 0).is_ok();
+    open_from_a(&mut c, port);
+    // Both FINs cross, neither acknowledging the other.
+    expect_quiet_pass(
+        &c.run(Ingress, &segment(true, port, FIN | ACK, 1001, 5001, 0))
+            .unwrap(),
+    );
+    expect_quiet_pass(
+        &c.run(Egress, &segment(false, port, FIN | ACK, 5001, 1001, 0))
+            .unwrap(),
+    );
+    // A acknowledges the pod's FIN: the pod's ACK of A's FIN must still pass.
+    expect_quiet_pass(
+        &c.run(Ingress, &segment(true, port, ACK, 1002, 5002, 0))
+            .unwrap(),
+    );
+    assert!(tracked(&mut c), "removed with A's FIN unacknowledged");
+    expect_quiet_pass(
+        &c.run(Egress, &segment(false, port, ACK, 5002, 1002, 0))
+            .unwrap(),
+    );
+    assert!(!tracked(&mut c), "a closed connection stayed in conntrack");
 }
 
 #[test]
