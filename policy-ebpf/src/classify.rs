@@ -104,6 +104,7 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
                     && entry.state != ct_state::REVOKED
                 {
                     let flags = packet.flags_or_type;
+                    let vouched = flow_cache::may_vouch_for(entry);
                     match track(
                         entry,
                         direction,
@@ -114,7 +115,7 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
                     ) {
                         Update::Keep if cacheable => probe.fill(&key, entry, direction, &clock),
                         Update::Keep => {}
-                        update => apply_closing(&key, update),
+                        update => apply_closing(&key, update, vouched),
                     }
                     count(Reason::AllowedEstablished, len);
                     return PASS;
@@ -310,8 +311,9 @@ fn rejudge(
         outcome.peer.identity = entry.peer_identity;
         return outcome;
     }
+    let vouched = flow_cache::may_vouch_for(entry);
     let update = track(entry, direction, key.protocol, tcp_flags, segment, clock);
-    apply_closing(key, update);
+    apply_closing(key, update, vouched);
     Outcome::quiet(
         Reason::AllowedEstablished,
         entry.rule_id,
@@ -320,9 +322,11 @@ fn rejudge(
 }
 
 /// Ends a connection on RST or when both FINs are acknowledged, and makes
-/// its cached slots stale on FIN or the end.
+/// its cached slots stale when the entry stops being one the cache may stand
+/// in for (`vouched`: it was until this packet). After its first FIN no slot
+/// can be filled from it, so a second FIN or the removal bumps nothing.
 #[inline(always)]
-fn apply_closing(key: &CtKey, update: Update) {
+fn apply_closing(key: &CtKey, update: Update, vouched: bool) {
     match update {
         Update::Keep => return,
         Update::Closing => {}
@@ -330,7 +334,9 @@ fn apply_closing(key: &CtKey, update: Update) {
             let _ = CONNTRACK.remove(key);
         }
     }
-    flow_cache::invalidate(key);
+    if vouched {
+        flow_cache::invalidate(key);
+    }
 }
 
 /// A fragment without transport header: it follows its first fragment.

@@ -8,8 +8,11 @@
 //! - the key is equal (full compare: colliding flows evict each other);
 //! - `EPOCHS[endpoint]` is still the epoch the entry was judged under, so a
 //!   policy change or the endpoint's removal stops the flow as before;
-//! - the index's shared version is unchanged: every conntrack write that ends
-//!   or replaces an entry (a new connection, FIN, RST) bumps it, for all CPUs;
+//! - the index's shared version is unchanged: every conntrack write that
+//!   replaces an entry (a new connection) or makes it one the cache may not
+//!   stand in for (its first FIN, an RST before any FIN) bumps it, for all
+//!   CPUs (later FINs and the removal of a closed entry need not: no slot can
+//!   be filled from an entry once it has seen a FIN);
 //! - `Config::ct_flushes` is unchanged (the agent removed entries);
 //! - conntrack passed the flow less than a second ago: then the packet goes
 //!   through conntrack again, which checks expiry and refreshes `last_seen`
@@ -74,7 +77,7 @@ impl Probe {
     /// stand in for.
     #[inline(always)]
     pub fn fill(&self, key: &CtKey, entry: &CtEntry, direction: Direction, clock: &Clock) {
-        if entry.state != ct_state::OPEN || entry.flags & !ct_flags::SEEN_REPLY != 0 {
+        if !may_vouch_for(entry) {
             return;
         }
         let passes = if entry.flags & ct_flags::SEEN_REPLY != 0 {
@@ -96,6 +99,14 @@ impl Probe {
         slot.ct_flushes = self.ct_flushes;
         slot.passes = passes;
     }
+}
+
+/// Whether a slot may stand in for `entry`: open, no FIN seen. Once this
+/// turns false for an entry it stays false until the entry is replaced (by a
+/// SYN, which bumps the version itself).
+#[inline(always)]
+pub fn may_vouch_for(entry: &CtEntry) -> bool {
+    entry.state == ct_state::OPEN && entry.flags & !ct_flags::SEEN_REPLY == 0
 }
 
 /// Makes every CPU's slot for `key` stale. Called after the conntrack write.
