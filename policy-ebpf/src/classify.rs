@@ -23,7 +23,7 @@ use crate::{
     },
     flow_cache::{self, Probe},
     maps::{CONFIG, CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
-    parse::{Fragment, IcmpKind, Packet, Parsed, Segment, Tuple, parse},
+    parse::{Fragment, IcmpKind, Packet, Parsed, Segment, Tuple, parse, tcp_segment},
     policy::{judge, resolve_peer},
     report::{EventInfo, count, emit},
 };
@@ -110,7 +110,7 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
                         direction,
                         key.protocol,
                         flags,
-                        &packet.segment,
+                        || tcp_segment(ctx, packet),
                         &clock,
                     ) {
                         Update::Keep if cacheable => probe.fill(&key, entry, direction, &clock),
@@ -160,7 +160,7 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
             &key,
             entry,
             packet.flags_or_type,
-            &packet.segment,
+            || tcp_segment(ctx, packet),
             &clock,
         ),
         None => decide(ifindex, ep, direction, generation, packet, &clock),
@@ -276,7 +276,7 @@ fn rejudge(
     key: &CtKey,
     entry: &mut CtEntry,
     tcp_flags: u8,
-    segment: &Segment,
+    segment: impl FnOnce() -> Option<Segment>,
     clock: &Clock,
 ) -> Outcome {
     let epoch = current_epoch(ep.endpoint_id);

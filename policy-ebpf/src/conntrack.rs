@@ -134,7 +134,7 @@ pub fn track(
     direction: Direction,
     protocol: u8,
     tcp_flags: u8,
-    segment: &Segment,
+    segment: impl FnOnce() -> Option<Segment>,
     clock: &Clock,
 ) -> Update {
     let from_origin = entry.origin == direction as u8;
@@ -165,21 +165,27 @@ pub fn track(
                 ct_flags::FIN_ACKED_ORIGIN,
             )
         };
-        if tcp_flags & TCP_FIN != 0 {
-            update = Update::Closing;
-            flags |= fin_from;
-            entry.fin_ack[side] = segment.seq.wrapping_add(segment.payload).wrapping_add(1);
-            if flags & BOTH_FINS == BOTH_FINS {
-                entry.state = ct_state::CLOSING;
+        let fin = tcp_flags & TCP_FIN != 0;
+        let may_ack_fin = tcp_flags & TCP_ACK != 0 && flags & other_fin_from != 0;
+        if fin || may_ack_fin {
+            // Unreadable only if the header the parser read is gone: then
+            // nothing is recorded, and the connection ends by timeout.
+            let Some(segment) = segment() else {
+                return Update::Closing;
+            };
+            if fin {
+                update = Update::Closing;
+                flags |= fin_from;
+                entry.fin_ack[side] = segment.seq.wrapping_add(segment.payload).wrapping_add(1);
+                if flags & BOTH_FINS == BOTH_FINS {
+                    entry.state = ct_state::CLOSING;
+                }
             }
-        }
-        if tcp_flags & TCP_ACK != 0
-            && flags & other_fin_from != 0
-            && segment.ack.wrapping_sub(entry.fin_ack[other]) as i32 >= 0
-        {
-            flags |= other_fin_acked;
-            if flags & BOTH_FINS_ACKED == BOTH_FINS_ACKED {
-                return Update::Remove;
+            if may_ack_fin && segment.ack.wrapping_sub(entry.fin_ack[other]) as i32 >= 0 {
+                flags |= other_fin_acked;
+                if flags & BOTH_FINS_ACKED == BOTH_FINS_ACKED {
+                    return Update::Remove;
+                }
             }
         }
     }

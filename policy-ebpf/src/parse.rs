@@ -72,9 +72,7 @@ pub struct Tuple {
     pub protocol: u8,
 }
 
-/// What conntrack follows of a TCP segment to see a connection end: zero
-/// for other protocols.
-#[repr(C)]
+/// What conntrack follows of a TCP segment to see a connection end.
 #[derive(Clone, Copy)]
 pub struct Segment {
     pub seq: u32,
@@ -86,7 +84,10 @@ pub struct Segment {
 #[repr(C)]
 pub struct Packet {
     pub tuple: Tuple,
-    pub segment: Segment,
+    /// TCP only: where the header starts and the bytes from there to the end
+    /// of the IP payload ([`tcp_segment`] reads the rest when needed).
+    pub l4: u16,
+    pub l4_len: u16,
     pub inner: Tuple,
     pub family: u8,
     /// TCP flags, or the ICMP type.
@@ -176,20 +177,56 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> Parsed {
     }
 }
 
+/// The fields of an IPv4 header the parser uses.
+struct Ipv4Fields {
+    vihl: u8,
+    tot_len: u16,
+    id: u16,
+    frags: u16,
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+impl Ipv4Fields {
+    /// Read in place when the linear area holds the header (only these
+    /// fields are loaded), else from a copy.
+    #[inline(always)]
+    fn read(ctx: &TcContext, off: usize) -> Option<Self> {
+        match ptr_at::<Ipv4Hdr>(ctx, off) {
+            Some(ip) => Some(Self::of(unsafe { &*ip })),
+            None => ctx.load::<Ipv4Hdr>(off).ok().map(|ip| Self::of(&ip)),
+        }
+    }
+
+    #[inline(always)]
+    fn of(ip: &Ipv4Hdr) -> Self {
+        Ipv4Fields {
+            vihl: ip.vihl,
+            tot_len: u16::from_be_bytes(ip.tot_len),
+            id: u16::from_be_bytes(ip.id),
+            frags: u16::from_be_bytes(ip.frags),
+            proto: ip.proto,
+            src: ip.src_addr,
+            dst: ip.dst_addr,
+        }
+    }
+}
+
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, off: usize, packet: &mut Packet) -> Parsed {
-    let Some(ip) = Direct(ctx).get::<Ipv4Hdr>(off) else {
+    let Some(ip) = Ipv4Fields::read(ctx, off) else {
         return Parsed::Malformed;
     };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    let total_len = u16::from_be_bytes(ip.tot_len) as usize;
+    let total_len = ip.tot_len as usize;
     if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || total_len < ihl {
         return Parsed::Malformed;
     }
-    let frags = u16::from_be_bytes(ip.frags);
+    let frags = ip.frags;
     let more = frags & 0x2000 != 0;
     let offset = frags & 0x1fff;
-    let id = u32::from(u16::from_be_bytes(ip.id));
+    let id = u32::from(ip.id);
     packet.fragment = if offset != 0 {
         Fragment::Later { id, last: !more }
     } else if more {
@@ -198,7 +235,7 @@ fn parse_ipv4(ctx: &TcContext, off: usize, packet: &mut Packet) -> Parsed {
         Fragment::None
     };
     packet.family = 4;
-    packet.tuple.set_v4(ip.src_addr, ip.dst_addr);
+    packet.tuple.set_v4(ip.src, ip.dst);
     packet.tuple.protocol = ip.proto;
     let l4_len = (total_len - ihl) as u32;
     if ihl == Ipv4Hdr::LEN {
@@ -319,11 +356,6 @@ fn finish_l4(
     l4_len: u32,
     packet: &mut Packet,
 ) -> Parsed {
-    packet.segment = Segment {
-        seq: 0,
-        ack: 0,
-        payload: 0,
-    };
     packet.tuple.sport = 0;
     packet.tuple.dport = 0;
     packet.flags_or_type = 0;
@@ -342,12 +374,8 @@ fn finish_l4(
             packet.tuple.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
             packet.tuple.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
             packet.flags_or_type = hdr[13];
-            let header_len = u32::from(hdr[12] >> 4) * 4;
-            packet.segment = Segment {
-                seq: u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]),
-                ack: u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]),
-                payload: l4_len.saturating_sub(header_len),
-            };
+            packet.l4 = l4 as u16;
+            packet.l4_len = l4_len as u16;
         }
         proto::UDP => {
             let Some(hdr) = bytes.get::<[u8; 8]>(l4) else {
@@ -386,6 +414,21 @@ fn finish_l4(
         _ => {}
     }
     Parsed::Ip
+}
+
+/// Sequence and acknowledgment numbers and payload length of the TCP segment
+/// `packet` was parsed from. Read only when conntrack needs them (a FIN, or
+/// an ACK while a FIN is unacknowledged), to keep them off the path of every
+/// other segment.
+#[inline(always)]
+pub fn tcp_segment(ctx: &TcContext, packet: &Packet) -> Option<Segment> {
+    let b = Loaded(ctx).get::<[u8; 9]>(usize::from(packet.l4) + 4)?;
+    let header_len = u16::from(b[8] >> 4) * 4;
+    Some(Segment {
+        seq: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        ack: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+        payload: u32::from(packet.l4_len.saturating_sub(header_len)),
+    })
 }
 
 /// `None` for link-local control messages, which always pass.
