@@ -646,48 +646,48 @@ fn segment(from_a: bool, port: u16, flags: u8, seq: u32, ack: u32, data: usize) 
         .build()
 }
 
+/// Sends [`segment`] the way it travels (from A: ingress) and expects it to
+/// pass as part of the connection.
+fn passes(c: &mut Classifier, from_a: bool, port: u16, flags: u8, seq: u32, ack: u32) {
+    let direction = if from_a { Ingress } else { Egress };
+    let frame = segment(from_a, port, flags, seq, ack, 0);
+    expect_quiet_pass(&c.run(direction, &frame).unwrap());
+}
+
+fn is_tracked(c: &mut Classifier, key: &CtKey) -> bool {
+    c.datapath.conntrack().unwrap().get(key, 0).is_ok()
+}
+
 #[test]
 fn a_connection_closed_by_fins_leaves_conntrack_when_both_are_acknowledged() {
     let mut c = classifier(true);
     let port = 40010;
     let key = tcp_key(A, port, 80);
-    let tracked = |c: &mut Classifier| c.datapath.conntrack().unwrap().get(&key, 0).is_ok();
     open_from_a(&mut c, port);
     // A sends its last 10 bytes with FIN: the FIN is covered by ack 1012.
-    expect_quiet_pass(
-        &c.run(Ingress, &segment(true, port, FIN | ACK, 1001, 5001, 10))
-            .unwrap(),
-    );
+    let last_data = segment(true, port, FIN | ACK, 1001, 5001, 10);
+    expect_quiet_pass(&c.run(Ingress, &last_data).unwrap());
     // Acknowledging part of the data is not acknowledging the FIN. Once a
     // FIN is seen the flow is never cached again (so later FINs and the
     // removal need not make slots stale).
-    expect_quiet_pass(
-        &c.run(Egress, &segment(false, port, ACK, 5001, 1005, 0))
-            .unwrap(),
-    );
+    passes(&mut c, false, port, ACK, 5001, 1005);
     assert!(!c.is_cached(&key).unwrap());
     // The pod acknowledges A's FIN and sends its own.
-    expect_quiet_pass(
-        &c.run(Egress, &segment(false, port, FIN | ACK, 5001, 1012, 0))
-            .unwrap(),
-    );
+    passes(&mut c, false, port, FIN | ACK, 5001, 1012);
     let entry = c.datapath.conntrack().unwrap().get(&key, 0).unwrap();
     assert_eq!(entry.state, ct_state::CLOSING, "{entry:?}");
     // An older acknowledgment from A does not cover the pod's FIN...
-    expect_quiet_pass(
-        &c.run(Ingress, &segment(true, port, ACK, 1012, 5001, 0))
-            .unwrap(),
-    );
+    passes(&mut c, true, port, ACK, 1012, 5001);
     assert!(
-        tracked(&mut c),
+        is_tracked(&mut c, &key),
         "removed before the pod's FIN was acknowledged"
     );
     // ...the last ACK does: it passes, and the entry is gone.
-    expect_quiet_pass(
-        &c.run(Ingress, &segment(true, port, ACK, 1012, 5002, 0))
-            .unwrap(),
+    passes(&mut c, true, port, ACK, 1012, 5002);
+    assert!(
+        !is_tracked(&mut c, &key),
+        "a closed connection stayed in conntrack"
     );
-    assert!(!tracked(&mut c), "a closed connection stayed in conntrack");
     // Anything after that is judged anew: the pod (egress isolated, no
     // rule) cannot send on the tuple.
     expect_dropped(
@@ -702,28 +702,21 @@ fn a_simultaneous_close_keeps_the_entry_until_both_fins_are_acknowledged() {
     let mut c = classifier(true);
     let port = 40011;
     let key = tcp_key(A, port, 80);
-    let tracked = |c: &mut Classifier| c.datapath.conntrack().unwrap().get(&key, 0).is_ok();
     open_from_a(&mut c, port);
     // Both FINs cross, neither acknowledging the other.
-    expect_quiet_pass(
-        &c.run(Ingress, &segment(true, port, FIN | ACK, 1001, 5001, 0))
-            .unwrap(),
-    );
-    expect_quiet_pass(
-        &c.run(Egress, &segment(false, port, FIN | ACK, 5001, 1001, 0))
-            .unwrap(),
-    );
+    passes(&mut c, true, port, FIN | ACK, 1001, 5001);
+    passes(&mut c, false, port, FIN | ACK, 5001, 1001);
     // A acknowledges the pod's FIN: the pod's ACK of A's FIN must still pass.
-    expect_quiet_pass(
-        &c.run(Ingress, &segment(true, port, ACK, 1002, 5002, 0))
-            .unwrap(),
+    passes(&mut c, true, port, ACK, 1002, 5002);
+    assert!(
+        is_tracked(&mut c, &key),
+        "removed with A's FIN unacknowledged"
     );
-    assert!(tracked(&mut c), "removed with A's FIN unacknowledged");
-    expect_quiet_pass(
-        &c.run(Egress, &segment(false, port, ACK, 5002, 1002, 0))
-            .unwrap(),
+    passes(&mut c, false, port, ACK, 5002, 1002);
+    assert!(
+        !is_tracked(&mut c, &key),
+        "a closed connection stayed in conntrack"
     );
-    assert!(!tracked(&mut c), "a closed connection stayed in conntrack");
 }
 
 #[test]
