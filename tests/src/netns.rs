@@ -1178,17 +1178,23 @@ pub struct TcpServer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// A non-blocking TCP listener on `addr` inside `netns`, and the address it
+/// got (port 0: any free port).
+fn listen_in(netns: &Netns, addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
+    let listener = netns
+        .run(|| TcpListener::bind(addr))
+        .with_context(|| format!("TCP listen on {addr} in netns {}", netns.name()))?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
 impl TcpServer {
     /// Listens on `addr:port` inside `netns` (port 0: any free port, see
     /// [`TcpServer::local_addr`]). Use an unspecified address (0.0.0.0 or
     /// `::`, which also takes IPv4) to serve every address.
     pub fn start(netns: &Netns, addr: IpAddr, port: u16) -> Result<Self> {
-        let sa = SocketAddr::new(addr, port);
-        let listener = netns
-            .run(|| TcpListener::bind(sa))
-            .with_context(|| format!("TCP listen on {sa} in netns {}", netns.name()))?;
-        listener.set_nonblocking(true)?;
-        let local = listener.local_addr()?;
+        let (listener, local) = listen_in(netns, SocketAddr::new(addr, port))?;
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
         let thread = {
@@ -1372,11 +1378,7 @@ impl TcpForwarder {
     /// Listens on `listen` inside `netns` and connects each connection to
     /// `upstream` from the caller's namespace.
     pub fn start(netns: &Netns, listen: SocketAddr, upstream: SocketAddr) -> Result<Self> {
-        let listener = netns
-            .run(|| TcpListener::bind(listen))
-            .with_context(|| format!("TCP listen on {listen} in netns {}", netns.name()))?;
-        listener.set_nonblocking(true)?;
-        let local = listener.local_addr()?;
+        let (listener, local) = listen_in(netns, listen)?;
         let stop = Arc::new(AtomicBool::new(false));
         let streams = Arc::new(Mutex::new(Vec::new()));
         let thread = {

@@ -718,15 +718,9 @@ impl Reconciler {
         let original = state;
         let mut state = original.clone();
         for (record, mut pod) in fills {
-            let diagnostics: Vec<Diagnostic> = original
-                .diagnostics()
-                .filter(|d| {
-                    d.object == ObjectKind::Pod
-                        && d.namespace == pod.namespace
-                        && d.name == pod.name
-                })
-                .cloned()
-                .collect();
+            let diagnostics = original
+                .diagnostics_of(ObjectKind::Pod, &pod.object_ref())
+                .to_vec();
             pod.ips = record.ips.clone();
             state.insert_pod(pod, diagnostics);
         }

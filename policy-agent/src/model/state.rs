@@ -191,4 +191,11 @@ impl ClusterState {
     pub fn diagnostics(&self) -> impl Iterator<Item = &Diagnostic> {
         self.diagnostics.values().flatten()
     }
+
+    /// The diagnostics of one stored object's conversion.
+    pub fn diagnostics_of(&self, kind: ObjectKind, key: &ObjectRef) -> &[Diagnostic] {
+        self.diagnostics
+            .get(&(kind, key.clone()))
+            .map_or(&[], Vec::as_slice)
+    }
 }

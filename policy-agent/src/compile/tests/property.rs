@@ -734,13 +734,7 @@ fn update_in_place(state: &mut ClusterState, next: &ClusterState) {
         state.remove_pod(&key);
     }
     for (key, pod) in next.pods() {
-        let diagnostics = next
-            .diagnostics()
-            .filter(|d| {
-                d.object == ObjectKind::Pod && d.namespace == key.namespace && d.name == key.name
-            })
-            .cloned()
-            .collect();
+        let diagnostics = next.diagnostics_of(ObjectKind::Pod, key).to_vec();
         state.insert_pod((**pod).clone(), diagnostics);
     }
     let gone: Vec<String> = state
@@ -761,14 +755,8 @@ fn update_in_place(state: &mut ClusterState, next: &ClusterState) {
     }
     for policy in next.policies().values() {
         let diagnostics = next
-            .diagnostics()
-            .filter(|d| {
-                d.object == ObjectKind::NetworkPolicy
-                    && d.namespace == policy.namespace
-                    && d.name == policy.name
-            })
-            .cloned()
-            .collect();
+            .diagnostics_of(ObjectKind::NetworkPolicy, &policy.object_ref())
+            .to_vec();
         state.insert_policy(policy.clone(), diagnostics);
     }
 }
