@@ -91,9 +91,16 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
         && !is_tcp_open(packet.tuple.protocol, packet.flags_or_type)
     {
         let key = key_for(ifindex, &packet.tuple, direction);
-        let cacheable = !flow_cache::bypasses(key.protocol, packet.flags_or_type);
-        let probe = Probe::new(&key, config);
-        if cacheable && probe.hit(&key, direction, &clock) {
+        // SYN-ACKs, FINs and RSTs neither use the cache nor fill it: they
+        // skip the version read too (cold for a young flow).
+        let probe = if flow_cache::bypasses(key.protocol, packet.flags_or_type) {
+            None
+        } else {
+            Some(Probe::new(&key, config))
+        };
+        if let Some(probe) = &probe
+            && probe.hit(&key, direction, &clock)
+        {
             count(Reason::AllowedEstablished, len);
             return PASS;
         }
@@ -113,8 +120,11 @@ pub fn classify(ctx: &TcContext, direction: Direction) -> i32 {
                         || tcp_segment(ctx, packet),
                         &clock,
                     ) {
-                        Update::Keep if cacheable => probe.fill(&key, entry, direction, &clock),
-                        Update::Keep => {}
+                        Update::Keep => {
+                            if let Some(probe) = &probe {
+                                probe.fill(&key, entry, direction, &clock);
+                            }
+                        }
                         update => apply_closing(&key, update, vouched),
                     }
                     count(Reason::AllowedEstablished, len);
