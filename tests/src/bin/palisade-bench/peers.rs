@@ -62,11 +62,8 @@ pub struct Options {
     /// Seconds per throughput measurement: longer, because bulk throughput
     /// swings most from second to second on a shared VM (13-21 Gbit/s between
     /// turns of the same enforcer at 3 s).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 5)]
     stream_seconds: u64,
-    /// Client threads opening connections (the server has two more).
-    #[arg(long, default_value_t = 2)]
-    crr_threads: usize,
     /// The iptables to compare with.
     #[arg(long, value_enum, default_value_t = Backend::Nft)]
     iptables: Backend,
@@ -130,7 +127,6 @@ fn vulnerabilities() -> serde_json::Map<String, serde_json::Value> {
 struct Bench {
     opts_seconds: u64,
     stream_seconds: u64,
-    crr_threads: usize,
     started: Instant,
     _iperf: workload::Spawned,
     _denied: TcpServer,
@@ -171,7 +167,7 @@ impl Bench {
         let client = &topo.pod("client").netns;
         client.set_sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
         let server = &topo.pod("server").netns;
-        let echo = workload::EchoServer::start(server, scenario::ECHO_PORT, opts.crr_threads + 2)?;
+        let echo = workload::EchoServer::start(server, scenario::ECHO_PORT, 2)?;
         let unspecified = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
         let denied = TcpServer::start(server, unspecified, scenario::DENIED_PORT)?;
         let iperf = workload::iperf3_server(server, scenario::IPERF_PORT)?;
@@ -190,7 +186,6 @@ impl Bench {
         Ok(Self {
             opts_seconds: opts.seconds,
             stream_seconds: opts.stream_seconds,
-            crr_threads: opts.crr_threads,
             started,
             _iperf: iperf,
             _denied: denied,
@@ -236,7 +231,7 @@ impl Bench {
         self.check_enforcement(mode, policies)?;
         let client = &self.topo.pod("client").netns;
         let echo = Self::dst(scenario::ECHO_PORT);
-        let warm = workload::crr(client, echo, self.crr_threads, Duration::from_millis(300))?;
+        let warm = workload::crr(client, echo, Duration::from_millis(300))?;
         if warm.ops == 0 || warm.errors > 0 {
             bail!(
                 "{} with {policies} policies: warm-up made {} connections, {} failed",
@@ -246,7 +241,7 @@ impl Bench {
             );
         }
         let d = Duration::from_secs(self.opts_seconds);
-        let crr = workload::crr(client, echo, self.crr_threads, d)?;
+        let crr = workload::crr(client, echo, d)?;
         let rr = workload::rr(client, echo, d)?;
         let stream =
             workload::stream(client, Self::dst(scenario::IPERF_PORT), self.stream_seconds)?;
@@ -287,13 +282,9 @@ impl Bench {
         setup.rules = ruleset.rules;
         setup.ipsets = ruleset.set_names.len();
         let mut ipt = Iptables::new(self.topo.node_ns(), opts.iptables);
-        setup.ipset_load = ipt.load_sets(&ruleset)?;
         self.progress(&format!(
-            "{n} policies: iptables ruleset {} chains, {} rules, {} ipsets; ipsets loaded in {:.2}s",
-            ruleset.chains,
-            ruleset.rules,
-            setup.ipsets,
-            setup.ipset_load.as_secs_f64()
+            "{n} policies: iptables ruleset {} chains, {} rules, {} ipsets",
+            ruleset.chains, ruleset.rules, setup.ipsets,
         ));
         let (events0, lost0) = self.palisade.events()?;
         for run in 1..=opts.runs {
@@ -318,6 +309,8 @@ impl Bench {
                         turn
                     }
                     Mode::Iptables => {
+                        let sets = ipt.load_sets(&ruleset)?;
+                        setup.ipset_loads.push(sets);
                         let load = ipt.load_rules(&ruleset)?;
                         setup.iptables_loads.push(load);
                         let turn = self.measure(mode, n);
@@ -325,10 +318,12 @@ impl Bench {
                             .conntrack_peak
                             .max(iptables::conntrack_count(self.topo.node_ns()));
                         ipt.unload_rules()?;
+                        ipt.destroy_sets()?;
                         iptables::flush_conntrack(self.topo.node_ns())?;
                         let turn = turn?;
                         self.progress(&format!(
-                            "  iptables-restore took {:.2}s",
+                            "  ipset restore took {:.2}s, iptables-restore {:.2}s",
+                            sets.as_secs_f64(),
                             load.as_secs_f64()
                         ));
                         turn
@@ -353,7 +348,6 @@ impl Bench {
         let (events, lost) = self.palisade.events()?;
         setup.flow_events = events - events0;
         setup.events_lost = lost - lost0;
-        ipt.destroy_sets()?;
         Ok(setup)
     }
 }
@@ -376,12 +370,11 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     println!(
         "plan: policies {:?}, {} turns of each enforcer per count (A B C order), {} s per measurement \
-         ({} s for throughput), {} connection threads, iptables backend {}, flow-event reader {}",
+         ({} s for throughput), each connection on one CPU, iptables backend {}, flow-event reader {}",
         opts.policies,
         opts.runs,
         opts.seconds,
         opts.stream_seconds,
-        opts.crr_threads,
         opts.iptables.name(),
         opts.flow_reader.name()
     );
@@ -439,7 +432,7 @@ pub fn run(opts: &Options) -> Result<()> {
         "options": {
             "policies": opts.policies, "runs": opts.runs, "seconds": opts.seconds,
             "stream_seconds": opts.stream_seconds,
-            "crr_threads": opts.crr_threads, "iptables": opts.iptables.name(),
+            "crr_clients_per_cpu": 1, "iptables": opts.iptables.name(),
             "flow_reader": opts.flow_reader.name(),
             "message_bytes": workload::MSG,
         },

@@ -52,7 +52,7 @@ pub struct Setup {
     pub chains: usize,
     pub rules: usize,
     pub ipsets: usize,
-    pub ipset_load: Duration,
+    pub ipset_loads: Vec<Duration>,
     pub iptables_loads: Vec<Duration>,
     pub conntrack_peak: u64,
     pub flow_events: u64,
@@ -296,7 +296,7 @@ pub fn setup_json(s: &Setup) -> Value {
         },
         "iptables": {
             "generate_s": secs(s.generate), "chains": s.chains, "rules": s.rules, "ipsets": s.ipsets,
-            "ipset_restore_s": secs(s.ipset_load),
+            "ipset_restore_s": s.ipset_loads.iter().map(|d| secs(*d)).collect::<Vec<_>>(),
             "iptables_restore_s": s.iptables_loads.iter().map(|d| secs(*d)).collect::<Vec<_>>(),
             "conntrack_entries_peak": s.conntrack_peak,
         },

@@ -1,15 +1,26 @@
 //! What runs between the pods, and what it costs.
 //!
-//! * [`EchoServer`]: a pool of threads in the server pod, each accepting a
-//!   connection and answering every [`MSG`]-byte request with a [`MSG`]-byte
-//!   response until the client closes.
-//! * [`crr`]: new connections per second: client threads in the client pod
-//!   each connect, send one request, read the response and close (the
-//!   client closes first and keeps TIME_WAIT, as in netperf's TCP_CRR).
-//! * [`rr`]: transactions per second on one connection (TCP_RR), both ends
-//!   pinned to one CPU.
-//! * [`stream`]: bulk throughput with iperf3 (one TCP stream, client on
-//!   the first CPU, server on the last).
+//! Every measurement keeps each connection on one CPU: the server listens
+//! with one `SO_REUSEPORT` socket per CPU, each marked `SO_INCOMING_CPU`
+//! and served by threads pinned to that CPU, so a connection is accepted on
+//! the CPU that sent its SYN (veth hands a packet on on the sending CPU).
+//! Left to the scheduler, a connection's two ends land on one CPU or on two
+//! from run to run, every cross-CPU wake-up is an IPI (a VM exit here), and
+//! the CPU time per connection swung from 90 to 130 µs between turns of the
+//! same enforcer. On one CPU each workload is CPU-bound: an enforcer's cost
+//! comes off the rate in full.
+//!
+//! * [`EchoServer`]: per CPU, threads accepting a connection and answering
+//!   every [`MSG`]-byte request with a [`MSG`]-byte response until the
+//!   client closes.
+//! * [`crr`]: new connections per second: one client thread per CPU
+//!   (pinned) connects, sends one request, reads the response and closes
+//!   (the client closes first and keeps TIME_WAIT, as in netperf's
+//!   TCP_CRR).
+//! * [`rr`]: transactions per second on one connection (TCP_RR), on the
+//!   last CPU.
+//! * [`stream`]: bulk throughput with iperf3 (one TCP stream, both ends
+//!   on the last CPU).
 //!
 //! CPU time is measured two ways over each run's window: the whole
 //! machine's busy time from /proc/stat (user + nice + system + irq +
@@ -18,12 +29,12 @@
 //! client and server threads and, under Palisade, the flow-event reader).
 
 use std::io::{ErrorKind, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -35,13 +46,6 @@ use palisade_tests::netns::Netns;
 /// Request and response size, bytes.
 pub const MSG: usize = 64;
 
-/// The CPU the transactions test runs its client and the serving server
-/// thread on (-1: none). One CPU makes each transaction a sequence of
-/// context switches; left to the scheduler, the two ends land on one or two
-/// CPUs from run to run (cross-CPU wakeups are IPIs, costly in a VM) and the
-/// rate swings by 2x.
-static RR_CPU: AtomicI32 = AtomicI32::new(-1);
-
 /// Online CPUs (not the calling thread's affinity, which pinning changes).
 fn cpus() -> usize {
     // SAFETY: sysconf has no preconditions.
@@ -50,27 +54,17 @@ fn cpus() -> usize {
         .max(1)
 }
 
-/// Pins the calling thread to `cpu`; returns its previous CPU set, for
-/// [`restore`].
-fn pin(cpu: usize) -> libc::cpu_set_t {
+/// Pins the calling thread to `cpu` (threads this module starts, which
+/// end with their work: nothing to restore).
+fn pin(cpu: usize) {
     // SAFETY: all-zero is a valid (empty) cpu_set_t.
-    let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let mut set = old;
-    let size = std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: valid sets of the size given; 0 is the calling thread; `cpu`
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid set of the size given; 0 is the calling thread; `cpu`
     // is below the number of CPUs, within the set.
     unsafe {
-        libc::sched_getaffinity(0, size, &mut old);
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size, &set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
-    old
-}
-
-/// Gives the calling thread back the CPU set [`pin`] returned.
-fn restore(set: &libc::cpu_set_t) {
-    // SAFETY: a valid set of the size given; 0 is the calling thread.
-    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
 }
 
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -191,38 +185,35 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
-    pub fn start(netns: &Netns, port: u16, threads: usize) -> Result<Self> {
-        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let listener = netns
-            .run(|| TcpListener::bind(addr))
-            .with_context(|| format!("listening on {addr} in {}", netns.name()))?;
-        // accept() honours SO_RCVTIMEO: threads wake up to see `stop`.
-        socket::setsockopt(
-            &listener,
-            sockopt::ReceiveTimeout,
-            &TimeVal::milliseconds(100),
-        )?;
+    /// Listens on `port` in `netns` with one socket per CPU, each served by
+    /// `threads_per_cpu` threads pinned to its CPU.
+    pub fn start(netns: &Netns, port: u16, threads_per_cpu: usize) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let mut handles = Vec::new();
-        for i in 0..threads.max(1) {
-            let listener = listener.try_clone()?;
-            let stop = stop.clone();
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("echo-server-{i}"))
-                    .spawn(move || Self::accept_loop(&listener, &stop))?,
-            );
+        let mut threads = Vec::new();
+        for cpu in 0..cpus() {
+            let listener = netns
+                .run(|| cpu_listener(port, cpu))
+                .with_context(|| format!("listening on port {port} in {}", netns.name()))?;
+            for i in 0..threads_per_cpu.max(1) {
+                let listener = listener.try_clone()?;
+                let stop = stop.clone();
+                threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("echo-{cpu}-{i}"))
+                        .spawn(move || {
+                            pin(cpu);
+                            Self::accept_loop(&listener, &stop)
+                        })?,
+                );
+            }
         }
-        Ok(Self {
-            stop,
-            threads: handles,
-        })
+        Ok(Self { stop, threads })
     }
 
     fn accept_loop(listener: &TcpListener, stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
             match listener.accept() {
-                Ok((s, _)) => Self::serve(s, stop),
+                Ok((mut s, _)) => Self::exchange(&mut s, stop),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -230,16 +221,6 @@ impl EchoServer {
                     ) => {}
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
-        }
-    }
-
-    fn serve(mut s: TcpStream, stop: &AtomicBool) {
-        let pinned = usize::try_from(RR_CPU.load(Ordering::Relaxed))
-            .ok()
-            .map(pin);
-        Self::exchange(&mut s, stop);
-        if let Some(old) = pinned {
-            restore(&old);
         }
     }
 
@@ -263,6 +244,42 @@ impl Drop for EchoServer {
             let _ = t.join();
         }
     }
+}
+
+/// A listener on `port` (IPv4, any address) in the calling thread's
+/// namespace that takes the connections whose SYN arrives on `cpu`: one of a
+/// `SO_REUSEPORT` group, marked `SO_INCOMING_CPU`. accept() wakes up every
+/// 100 ms (SO_RCVTIMEO) so its threads see a stop.
+fn cpu_listener(port: u16, cpu: usize) -> Result<TcpListener> {
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
+    let cpu = libc::c_int::try_from(cpu)?;
+    // SAFETY: a valid socket and a c_int option of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_INCOMING_CPU,
+            (&cpu as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_INCOMING_CPU");
+    }
+    socket::bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)),
+    )?;
+    socket::listen(&fd, socket::Backlog::new(128)?)?;
+    socket::setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::milliseconds(100))?;
+    Ok(TcpListener::from(fd))
 }
 
 /// A blocking TCP connection from the calling thread's namespace, with
@@ -292,17 +309,17 @@ fn one_crr(dst: SocketAddrV4, req: &[u8; MSG], resp: &mut [u8; MSG]) -> std::io:
 /// together and stopping at the same deadline; sums their (ok, errors).
 fn timed<F>(client: &Netns, threads: usize, duration: Duration, body: F) -> Result<Sample>
 where
-    F: Fn(Instant, &AtomicBool) -> (u64, u64) + Send + Sync + 'static,
+    F: Fn(usize, Instant, &AtomicBool) -> (u64, u64) + Send + Sync + 'static,
 {
     let body = Arc::new(body);
     let start = Instant::now() + Duration::from_millis(30);
     let deadline = start + duration;
     let handles: Vec<JoinHandle<(u64, u64, Instant)>> = (0..threads.max(1))
-        .map(|_| {
+        .map(|thread| {
             let body = body.clone();
             client.spawn(move || {
                 std::thread::sleep(start.saturating_duration_since(Instant::now()));
-                let (ok, err) = body(deadline, &super::STOP);
+                let (ok, err) = body(thread, deadline, &super::STOP);
                 (ok, err, Instant::now())
             })
         })
@@ -323,14 +340,10 @@ where
     Ok(sample)
 }
 
-/// New connections per second: `threads` clients for `duration`.
-pub fn crr(
-    client: &Netns,
-    dst: SocketAddrV4,
-    threads: usize,
-    duration: Duration,
-) -> Result<Sample> {
-    timed(client, threads, duration, move |deadline, stop| {
+/// New connections per second for `duration`: one client per CPU.
+pub fn crr(client: &Netns, dst: SocketAddrV4, duration: Duration) -> Result<Sample> {
+    timed(client, cpus(), duration, move |cpu, deadline, stop| {
+        pin(cpu);
         let req = [b'q'; MSG];
         let mut resp = [0u8; MSG];
         let (mut ok, mut err) = (0, 0);
@@ -344,13 +357,11 @@ pub fn crr(
     })
 }
 
-/// Transactions per second on one connection for `duration`, both ends
-/// on the last CPU (see [`RR_CPU`]).
+/// Transactions per second on one connection for `duration`, on the last
+/// CPU.
 pub fn rr(client: &Netns, dst: SocketAddrV4, duration: Duration) -> Result<Sample> {
     let cpu = cpus() - 1;
-    RR_CPU.store(cpu as i32, Ordering::Relaxed);
-    let sample = timed(client, 1, duration, move |deadline, stop| {
-        // A fresh thread: no need to restore its CPU set.
+    timed(client, 1, duration, move |_, deadline, stop| {
         pin(cpu);
         let Ok(mut s) = connect(dst) else {
             return (0, 1);
@@ -369,9 +380,7 @@ pub fn rr(client: &Netns, dst: SocketAddrV4, duration: Duration) -> Result<Sampl
             ok += 1;
         }
         (ok, 0)
-    });
-    RR_CPU.store(-1, Ordering::Relaxed);
-    sample
+    })
 }
 
 /// A process started in a namespace, in its own process group; killed on
@@ -486,9 +495,14 @@ pub fn stream(client: &Netns, dst: SocketAddrV4, secs: u64) -> Result<Sample> {
         secs.to_string(),
         "--connect-timeout".into(),
         "2000".into(),
-        // Client on the first CPU, server on the last.
+        // Both ends on one CPU, which the sender's softirq work (both hops
+        // through the node, receive processing) shares with them: the
+        // stream is CPU-bound, so an enforcer's per-packet cost comes off
+        // the rate in full. Split over two CPUs the pipeline left a third
+        // of them idle and the rate swung 8 % from second to second (3 %
+        // on one CPU).
         "-A".into(),
-        format!("0,{}", cpus() - 1),
+        format!("{0},{0}", cpus() - 1),
         "-J".into(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
