@@ -246,17 +246,22 @@ impl Drop for EchoServer {
     }
 }
 
+/// A new IPv4 TCP socket in the calling thread's namespace.
+fn tcp_socket() -> nix::Result<std::os::fd::OwnedFd> {
+    socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+}
+
 /// A listener on `port` (IPv4, any address) in the calling thread's
 /// namespace that takes the connections whose SYN arrives on `cpu`: one of a
 /// `SO_REUSEPORT` group, marked `SO_INCOMING_CPU`. accept() wakes up every
 /// 100 ms (SO_RCVTIMEO) so its threads see a stop.
 fn cpu_listener(port: u16, cpu: usize) -> Result<TcpListener> {
-    let fd = socket::socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let fd = tcp_socket()?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
     let cpu = libc::c_int::try_from(cpu)?;
@@ -285,12 +290,7 @@ fn cpu_listener(port: u16, cpu: usize) -> Result<TcpListener> {
 /// A blocking TCP connection from the calling thread's namespace, with
 /// send/receive timeouts (connect() honours the send timeout).
 fn connect(dst: SocketAddrV4) -> std::io::Result<TcpStream> {
-    let fd = socket::socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let fd = tcp_socket()?;
     let t = TimeVal::milliseconds(IO_TIMEOUT.as_millis() as i64);
     socket::setsockopt(&fd, sockopt::SendTimeout, &t)?;
     socket::setsockopt(&fd, sockopt::ReceiveTimeout, &t)?;
