@@ -130,7 +130,7 @@ struct Bench {
     started: Instant,
     _iperf: workload::Spawned,
     _denied: TcpServer,
-    _echo: workload::EchoServer,
+    echo: workload::EchoServer,
     palisade: Palisade,
     topo: Topology,
 }
@@ -189,7 +189,7 @@ impl Bench {
             started,
             _iperf: iperf,
             _denied: denied,
-            _echo: echo,
+            echo,
             palisade,
             topo,
         })
@@ -386,11 +386,18 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let mut turns = Vec::new();
     let mut setups = Vec::new();
+    let (mut accepted, mut off_cpu) = (0, 0);
     let outcome = (|| -> Result<()> {
         let mut bench = Bench::start(opts)?;
         for &n in &opts.policies {
             setups.push(bench.policy_count(opts, n, &mut turns)?);
         }
+        let placement = bench.echo.placement();
+        accepted = placement.accepted.load(Ordering::Relaxed);
+        off_cpu = placement.off_cpu.load(Ordering::Relaxed);
+        bench.progress(&format!(
+            "connections accepted: {accepted}, handled off the CPU that opened them: {off_cpu}"
+        ));
         bench.progress("tearing down");
         Ok(())
     })();
@@ -440,6 +447,8 @@ pub fn run(opts: &Options) -> Result<()> {
         "results": summaries.iter().map(report::summary_json).collect::<Vec<_>>(),
         "ratios": report::ratios_json(&rows),
         "bar": bar,
+        "connections_accepted": accepted,
+        "connections_off_cpu": off_cpu,
         "turns": turns.iter().map(report::turn_json).collect::<Vec<_>>(),
         "wall_seconds": wall.as_secs_f64(),
     }))

@@ -34,7 +34,7 @@ use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -182,6 +182,16 @@ fn read_msg(s: &mut TcpStream, buf: &mut [u8], stop: &AtomicBool) -> std::io::Re
 pub struct EchoServer {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    placement: Arc<Placement>,
+}
+
+/// Connections accepted, and those of them whose packets the kernel last
+/// handled on another CPU than the serving thread's (`SO_INCOMING_CPU` of
+/// the accepted socket): what shows the one-CPU placement holds.
+#[derive(Default)]
+pub struct Placement {
+    pub accepted: AtomicU64,
+    pub off_cpu: AtomicU64,
 }
 
 impl EchoServer {
@@ -189,6 +199,7 @@ impl EchoServer {
     /// `threads_per_cpu` threads pinned to its CPU.
     pub fn start(netns: &Netns, port: u16, threads_per_cpu: usize) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let placement = Arc::new(Placement::default());
         let mut threads = Vec::new();
         for cpu in 0..cpus() {
             let listener = netns
@@ -196,24 +207,38 @@ impl EchoServer {
                 .with_context(|| format!("listening on port {port} in {}", netns.name()))?;
             for i in 0..threads_per_cpu.max(1) {
                 let listener = listener.try_clone()?;
-                let stop = stop.clone();
+                let (stop, placement) = (stop.clone(), placement.clone());
                 threads.push(
                     std::thread::Builder::new()
                         .name(format!("echo-{cpu}-{i}"))
                         .spawn(move || {
                             pin(cpu);
-                            Self::accept_loop(&listener, &stop)
+                            Self::accept_loop(&listener, cpu, &stop, &placement)
                         })?,
                 );
             }
         }
-        Ok(Self { stop, threads })
+        Ok(Self {
+            stop,
+            threads,
+            placement,
+        })
     }
 
-    fn accept_loop(listener: &TcpListener, stop: &AtomicBool) {
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    fn accept_loop(listener: &TcpListener, cpu: usize, stop: &AtomicBool, placement: &Placement) {
         while !stop.load(Ordering::Relaxed) {
             match listener.accept() {
-                Ok((mut s, _)) => Self::exchange(&mut s, stop),
+                Ok((mut s, _)) => {
+                    placement.accepted.fetch_add(1, Ordering::Relaxed);
+                    if incoming_cpu(&s) != Some(cpu) {
+                        placement.off_cpu.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Self::exchange(&mut s, stop)
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -244,6 +269,26 @@ impl Drop for EchoServer {
             let _ = t.join();
         }
     }
+}
+
+/// The CPU that last handled `socket`'s packets.
+fn incoming_cpu(socket: &TcpStream) -> Option<usize> {
+    let mut cpu: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket; a c_int option with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_INCOMING_CPU,
+            (&mut cpu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    usize::try_from(cpu).ok()
 }
 
 /// A new IPv4 TCP socket in the calling thread's namespace.
